@@ -1,0 +1,607 @@
+"""
+Low-Rank Clone (LRC) in one file: an exact from-scratch Qwen2 teacher, the LRC student whose every
+weight is generated from the teacher's by trainable low-rank projections, the three losses, and the
+export of the merged student as a plain Qwen2. Section numbers refer to LRC_SPEC.md.
+
+Read top to bottom: config, norm, RoPE, attention, the Qwen2 layer, the Qwen2 model, loading and
+saving checkpoints, the loss head, the LRC student, export.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class LRCError(ValueError):
+    """A problem with the user's input. Scripts print its one-line message instead of a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Config (spec section 2)
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    extra: dict = field(default_factory=dict)  # other config.json keys (token ids, ...), kept on export
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LRCError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                           f"num_key_value_heads={self.num_key_value_heads}: fix config.json")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen2Config":
+        model_type = d.get("model_type")
+        if model_type != "qwen2":
+            raise LRCError(f"config.json has model_type={model_type!r}, but lrc only clones Qwen2/Qwen2.5 "
+                           f"models (model_type 'qwen2'): pick a Qwen2 or Qwen2.5 teacher")
+        # Only plain RoPE: newer files nest theta in rope_parameters, older ones use rope_scaling
+        rope = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default" or scaling_type != "default":
+            raise LRCError(f"config.json asks for rope type {rope_type if rope_type != 'default' else scaling_type!r}; "
+                           f"lrc supports plain RoPE only: remove rope_scaling from config.json")
+        if d.get("use_sliding_window"):
+            raise LRCError("config.json asks for sliding-window attention, which lrc does not support: "
+                           "set use_sliding_window to false in config.json")
+        names = {f.name for f in fields(cls)} - {"extra", "rope_theta"}
+        known = {k: d[k] for k in names if d.get(k) is not None}
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is not None:
+            known["rope_theta"] = float(theta)
+        skip = names | {"rope_theta", "rope_parameters", "rope_scaling", "model_type", "architectures",
+                        "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+        extra = {k: v for k, v in d.items() if k not in skip}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Qwen2Config":
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise LRCError(f"no config.json in {path!r}: point to a Hugging Face Qwen2 checkpoint directory")
+        with open(file) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        """config.json as Hugging Face writes it for Qwen2 (explicit head_dim, top-level rope_theta)."""
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **self.extra, **d,
+                "hidden_act": "silu", "use_sliding_window": False, "attention_dropout": 0.0}
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm and RoPE (spec section 2)
+
+def rms_norm(x, weight, eps):
+    # in float32, cast back to the input dtype, then scale: exactly Hugging Face's order of operations
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos, sin [T, head_dim] in float32 for the rotate-half convention."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):  # x [B, heads, T, head_dim]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Attention: causal, grouped-query, with an optional KV cache for generation
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: each new token costs one position."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached; advanced by Qwen2.forward after all layers
+
+    def update(self, layer, k, v):  # k, v [B, Hkv, T, hd] -> all keys/values so far
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise LRCError(f"KV cache holds {self.k.shape[3]} positions, {end} needed: allocate a longer cache")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention(q, k, v, cos, sin, head_dim, cache=None, layer=0):
+    """q [B,T,H*hd], k/v [B,T,Hkv*hd] (after projection and bias) -> [B,T,H*hd]."""
+    B, T, _ = q.shape
+    q, k, v = (t.view(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)
+    S = k.shape[2]
+    if S == T:
+        mask, causal = None, True
+    else:  # the T queries are positions S-T .. S-1 of a cached sequence
+        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
+        causal = False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                       scale=1.0 / math.sqrt(head_dim), enable_gqa=k.shape[1] != q.shape[1])
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
+# -----------------------------------------------------------------------------
+# One Qwen2 layer as a function of its weights, shared by the teacher, the LRC student and the
+# exported student, so that all three compute exactly the same thing.
+
+class LayerWeights(NamedTuple):
+    attn_norm: torch.Tensor     # [d]
+    q: torch.Tensor             # [H*hd, d]
+    q_bias: torch.Tensor        # [H*hd]
+    k: torch.Tensor             # [Hkv*hd, d]
+    k_bias: torch.Tensor
+    v: torch.Tensor             # [Hkv*hd, d]
+    v_bias: torch.Tensor
+    o: torch.Tensor             # [d, H*hd]
+    ffn_norm: torch.Tensor      # [d]
+    gate: torch.Tensor          # [f, d]
+    up: torch.Tensor            # [f, d]
+    down: torch.Tensor          # [d, f]
+
+
+class Activations(NamedTuple):
+    """What the clone loss compares (spec section 4): q, k, v before RoPE, gate before SiLU, and the
+    attention and FFN outputs (after o_proj / down_proj, before the residual add)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    ffn_out: torch.Tensor
+
+
+def qwen2_layer(x, w: LayerWeights, cos, sin, config, cache=None, layer=0):
+    h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
+    q, k, v = F.linear(h, w.q, w.q_bias), F.linear(h, w.k, w.k_bias), F.linear(h, w.v, w.v_bias)
+    o = F.linear(attention(q, k, v, cos, sin, config.head_dim, cache, layer), w.o)
+    x = x + o
+    h = rms_norm(x, w.ffn_norm, config.rms_norm_eps)
+    gate, up = F.linear(h, w.gate), F.linear(h, w.up)
+    ffn_out = F.linear(F.silu(gate) * up, w.down)
+    return x + ffn_out, Activations(q, k, v, o, gate, up, ffn_out)
+
+
+# -----------------------------------------------------------------------------
+# The Qwen2 model, with Hugging Face's parameter names so checkpoints load by name
+
+class Qwen2Block(nn.Module):
+    def __init__(self, c: Qwen2Config):
+        super().__init__()
+        d, hd = c.hidden_size, c.head_dim
+        self.input_layernorm = RMSNorm(d, c.rms_norm_eps)
+        self.self_attn = nn.ModuleDict(dict(
+            q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=True),
+            k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=True),
+            v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=True),
+            o_proj=nn.Linear(c.num_attention_heads * hd, d, bias=False)))
+        self.post_attention_layernorm = RMSNorm(d, c.rms_norm_eps)
+        self.mlp = nn.ModuleDict(dict(
+            gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
+            up_proj=nn.Linear(d, c.intermediate_size, bias=False),
+            down_proj=nn.Linear(c.intermediate_size, d, bias=False)))
+
+    def weights(self) -> LayerWeights:
+        a, m = self.self_attn, self.mlp
+        return LayerWeights(self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
+                            self.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                            m.down_proj.weight)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = c = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size),
+            layers=nn.ModuleList(Qwen2Block(c) for _ in range(c.num_hidden_layers)),
+            norm=RMSNorm(c.hidden_size, c.rms_norm_eps)))
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module, std=0.02):  # Hugging Face's initializer_range; used for scratch/KD students
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx, cache=None):
+        """idx [B,T] -> final-normed hidden states [B,T,d]."""
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(idx)
+        for i, block in enumerate(self.model.layers):
+            x, _ = qwen2_layer(x, block.weights(), cos, sin, self.config, cache, i)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        return self.model.norm(x)
+
+    def forward(self, idx, cache=None):
+        return self.lm_head(self.hidden(idx, cache))  # logits [B,T,V]
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving Hugging Face checkpoint directories (spec section 2)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+
+
+def as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise LRCError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_checkpoint(path_or_id: str) -> str:
+    """A local directory as is; anything else is a hub id, fetched with only the files lrc needs."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
+        raise LRCError(f"{path_or_id!r} is not a checkpoint directory (nor a hub id like 'Qwen/Qwen2.5-3B-Instruct'): "
+                       f"check the path")
+    import huggingface_hub
+    try:
+        return huggingface_hub.snapshot_download(path_or_id, allow_patterns=HUB_FILES)
+    except Exception as e:
+        raise LRCError(f"could not download {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}): check the id and your network, "
+                       f"or pass a local directory") from None
+
+
+def checkpoint_files(path: str) -> dict:
+    """{tensor name: safetensors file} for a single-file or sharded checkpoint."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise LRCError(f"shard {shard!r} is listed in {index} but missing: re-download the checkpoint")
+        return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise LRCError(f"no model.safetensors or model.safetensors.index.json in {path!r}: "
+                       f"lrc reads safetensors checkpoints only")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_qwen2(path_or_id: str, device="cpu", dtype=None) -> Qwen2:
+    """Build on the meta device, then assign each tensor straight from its file in the requested dtype,
+    so a 7B teacher never needs twice its size in memory."""
+    path = resolve_checkpoint(path_or_id)
+    config = Qwen2Config.from_pretrained(path)
+    if dtype is None:
+        dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
+    dtype = as_dtype(dtype)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    expected = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    files = checkpoint_files(path)
+    unexpected = set(files) - set(expected) - {"lm_head.weight"}
+    if unexpected:
+        raise LRCError(f"{path!r} holds tensors a Qwen2 model does not have (e.g. {sorted(unexpected)[0]!r}): "
+                       f"is this really a Qwen2 checkpoint?")
+    for name in expected:
+        if name not in files:
+            raise LRCError(f"tensor {name!r} is missing from {path!r}: re-download or re-export the checkpoint")
+    by_file = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise LRCError(f"tensor {name!r} in {file} has shape {list(tensor.shape)} but config.json implies "
+                                   f"{list(expected[name].shape)}: the weights and config.json do not match")
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, attr, nn.Parameter(tensor.to(dtype), requires_grad=expected[name].requires_grad))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max_shard_bytes: int = 5 * 2**30):
+    """config.json + safetensors (sharded with an index above max_shard_bytes, as Hugging Face does),
+    written to a temporary directory and renamed into place so a crash never leaves half a checkpoint."""
+    config = model.config.to_dict()
+    config.update(extra_config or {})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    shards, size = [{}], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The loss head: L_KL + L_LM straight from the final hidden states (spec section 4)
+#
+# At a 152k vocabulary one [N, V] float32 tensor is ~10 GB for N = 16k positions. The head therefore
+# walks over chunks of positions, fuses logits, log-softmax, both losses and their gradients per chunk,
+# and keeps only the gradients w.r.t. its inputs (the size of the hidden states and of the head weight).
+
+class DistillHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, W_s, h_t, W_t, targets, tau, kl_weight, lm_weight, chunk_size):
+        """h_s [N,d_s], W_s [V,d_s]: student; h_t [N,d], W_t [V,d]: teacher, or None for no KL;
+        targets [N], -1 = ignore; N = B*T positions. Returns (kl_weight * KL_sum + lm_weight * LM_mean,
+        KL_sum, LM_mean); the gradient of the first is computed here, chunk by chunk, and only scaled
+        in backward."""
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n_valid = (targets >= 0).sum().clamp(min=1).float()
+        kl_sum = torch.zeros((), device=h_s.device)
+        nll_sum = torch.zeros((), device=h_s.device)
+        grad_h = torch.empty_like(h_s) if need_grad else None
+        grad_W = torch.zeros(W_s.shape, device=W_s.device, dtype=torch.float32) if need_grad else None
+        for start in range(0, h_s.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (h_s[rows] @ W_s.T).float()                      # [n, V]
+            tgt = targets[rows]
+            valid = tgt >= 0
+            log_q = torch.log_softmax(logits, dim=-1)
+            nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
+            grad = None
+            if need_grad:  # d LM_mean / d logits = (softmax - onehot) / n_valid
+                grad = log_q.exp_()
+                grad[valid, tgt[valid]] -= 1.0
+                grad *= (lm_weight / n_valid) * valid[:, None]
+            del log_q
+            if h_t is not None:
+                log_p = torch.log_softmax((h_t[rows] @ W_t.T).float() / tau, dim=-1)
+                log_q_tau = torch.log_softmax(logits / tau, dim=-1)
+                p = log_p.exp()
+                kl_sum += (p * (log_p - log_q_tau)).sum()
+                if need_grad:  # d KL / d logits = (softmax(z_s/tau) - p) / tau
+                    grad += (log_q_tau.exp_().sub_(p)) * (kl_weight / tau)
+                del log_p, log_q_tau, p
+            if need_grad:
+                grad_h[rows] = (grad.to(W_s.dtype) @ W_s).to(h_s.dtype)
+                grad_W += grad.T @ h_s[rows].float()
+            del logits, grad
+        lm_mean = nll_sum / n_valid
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.W_dtype = W_s.dtype
+        ctx.mark_non_differentiable(kl_sum, lm_mean)
+        return kl_weight * kl_sum + lm_weight * lm_mean, kl_sum, lm_mean
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kl, _grad_lm):
+        grad_h, grad_W = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype), (grad_W * grad_total).to(ctx.W_dtype),
+                None, None, None, None, None, None, None)
+
+
+def distill_loss(student_hidden, student_head, targets, teacher_hidden=None, teacher_head=None,
+                 tau=40.0, chunk_size=None):
+    """(L_KL + L_LM, L_KL, L_LM) with the reference reductions (spec section 4):
+    L_KL = sum over positions of KL(softmax(z_t/tau) || softmax(z_s/tau)) / B  (no tau^2 factor),
+    L_LM = mean cross-entropy at tau = 1. No teacher: L_LM alone (the scratch baseline)."""
+    B, T, _ = student_hidden.shape
+    V = student_head.shape[0]
+    chunk_size = chunk_size or max(1, 2**26 // V)  # ~256 MB of float32 per [chunk, V] temporary
+    h_t = teacher_hidden.reshape(B * T, -1) if teacher_hidden is not None else None
+    return DistillHead.apply(student_hidden.reshape(B * T, -1), student_head, h_t, teacher_head,
+                             targets.reshape(B * T), tau, 1.0 / B, 1.0, chunk_size)
+
+
+# -----------------------------------------------------------------------------
+# The LRC student (spec section 3): projections generate every student weight from the teacher's
+
+INPUT_SIDE = ("P_q", "P_k", "P_v", "P_gate", "P_up")   # [d, d_s]: W_S = W @ P
+OUTPUT_SIDE = ("P_o", "P_down")                         # [d_s, d]: W_S = P @ W
+
+
+class LRCLayer(nn.Module):
+    def __init__(self, d, d_s, init_std):
+        super().__init__()
+        for name in INPUT_SIDE:
+            setattr(self, name, nn.Parameter(torch.randn(d, d_s) * init_std))
+        for name in OUTPUT_SIDE:
+            setattr(self, name, nn.Parameter(torch.randn(d_s, d) * init_std))
+        self.attn_norm = nn.Parameter(torch.ones(d_s))
+        self.ffn_norm = nn.Parameter(torch.ones(d_s))
+
+    def generate(self, teacher: LayerWeights) -> LayerWeights:
+        """The student layer's weights: one matmul per weight per forward, never per token (spec 3).
+        The student computes in the teacher's dtype; the projections stay float32 masters."""
+        t, dt = teacher, teacher.q.dtype
+        return LayerWeights(
+            attn_norm=self.attn_norm.to(dt),
+            q=t.q @ self.P_q.to(dt), q_bias=t.q_bias,          # teacher biases, unchanged and frozen
+            k=t.k @ self.P_k.to(dt), k_bias=t.k_bias,
+            v=t.v @ self.P_v.to(dt), v_bias=t.v_bias,
+            o=self.P_o.to(dt) @ t.o,
+            ffn_norm=self.ffn_norm.to(dt),
+            gate=t.gate @ self.P_gate.to(dt),
+            up=t.up @ self.P_up.to(dt),
+            down=self.P_down.to(dt) @ t.down)
+
+    def clone_loss(self, s: Activations, t: Activations):
+        """Spec section 4: MSE of q, k, v, gate, up, plus the attention and FFN outputs, the teacher's
+        brought to student width by the very P_o / P_down that generate the student's weights.
+        Gradient flows through both sides, as in the reference."""
+        mse = F.mse_loss
+        dt = t.o.dtype
+        return (mse(s.q, t.q) + mse(s.k, t.k) + mse(s.v, t.v) + mse(s.gate, t.gate) + mse(s.up, t.up)
+                + mse(s.o, t.o @ self.P_o.to(dt).T) + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
+
+
+class LRC(nn.Module):
+    def __init__(self, teacher: Qwen2, student_hidden: int, tie_proj: bool = True, alpha: float = 0.5,
+                 tau: float = 40.0, init_std: float = 0.02):
+        super().__init__()
+        c = teacher.config
+        if not 1 <= student_hidden <= c.hidden_size:
+            raise LRCError(f"student_hidden={student_hidden} must be between 1 and the teacher's hidden_size "
+                           f"{c.hidden_size} (equal only reproduces the teacher): pick a smaller student_hidden")
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        self.student_hidden, self.tie_proj, self.alpha, self.tau = student_hidden, tie_proj, alpha, tau
+        d, d_s = c.hidden_size, student_hidden
+        device = teacher.lm_head.weight.device
+        with torch.device(device if device.type != "meta" else "cpu"):
+            self.layers = nn.ModuleList(LRCLayer(d, d_s, init_std) for _ in range(c.num_hidden_layers))
+            self.P_emb = nn.Parameter(torch.randn(d, d_s) * init_std)
+            self.P_lm = None if tie_proj else nn.Parameter(torch.randn(d, d_s) * init_std)
+            self.final_norm = nn.Parameter(torch.ones(d_s))
+
+    @property
+    def student_config(self) -> Qwen2Config:
+        c = self.teacher.config
+        return replace(c, hidden_size=self.student_hidden, head_dim=c.head_dim,
+                       tie_word_embeddings=c.tie_word_embeddings and self.tie_proj, extra=dict(c.extra))
+
+    def student_head(self):
+        """W_lm^S = W_lm @ P_lm, or E @ P_emb with tie_proj (spec section 3): [V, d_s]."""
+        P = self.P_emb if self.P_lm is None else self.P_lm
+        W = self.teacher.lm_head.weight
+        return W @ P.to(W.dtype)
+
+    def streams(self, idx, with_teacher=True):
+        """Run teacher and student side by side, layer by layer (spec section 4).
+        Returns the final-normed student hidden [B,T,d_s], teacher hidden [B,T,d] and L_clone."""
+        teacher, c = self.teacher, self.teacher.config
+        cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.head_dim, c.rope_theta)
+        with torch.no_grad():
+            x_t = teacher.model.embed_tokens(idx)
+        # E^S[idx] = E[idx] @ P_emb: same value as looking up E @ P_emb, without forming the [V, d_s] matrix
+        x_s = x_t @ self.P_emb.to(x_t.dtype)
+        clone = torch.zeros((), device=idx.device)
+        for block, layer in zip(teacher.model.layers, self.layers):
+            teacher_weights = block.weights()
+            x_s, act_s = qwen2_layer(x_s, layer.generate(teacher_weights), cos, sin, c)
+            if with_teacher:
+                with torch.no_grad():
+                    x_t, act_t = qwen2_layer(x_t, teacher_weights, cos, sin, c)
+                clone = clone + layer.clone_loss(act_s, act_t)
+        h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
+        h_t = teacher.model.norm(x_t) if with_teacher else None
+        return h_s, h_t, clone
+
+    def forward(self, idx, targets):
+        """L = L_KL + L_LM + alpha * L_clone (spec section 4); targets[b,t] follows idx[b,t]."""
+        h_s, h_t, clone = self.streams(idx)
+        head_loss, kl, lm = distill_loss(h_s, self.student_head(), targets, h_t, self.teacher.lm_head.weight,
+                                         tau=self.tau)
+        loss = head_loss + self.alpha * clone
+        return loss, {"kl": kl, "lm": lm, "clone": clone.detach()}
+
+    def student_logits(self, idx):
+        """The training-time student's logits [B,T,V], without running the teacher stream."""
+        h_s, _, _ = self.streams(idx, with_teacher=False)
+        return h_s @ self.student_head().T
+
+    # -------------------------------------------------------------------------
+    # Export (spec section 5): multiply the projections into plain weights
+
+    @torch.no_grad()
+    def export_student(self, dtype=None) -> Qwen2:
+        teacher = self.teacher
+        dtype = as_dtype(dtype) if dtype is not None else teacher.lm_head.weight.dtype
+        device = teacher.lm_head.weight.device
+        with torch.device("meta"):
+            student = Qwen2(self.student_config)
+        merged = {"model.embed_tokens.weight": teacher.model.embed_tokens.weight @ self.P_emb.to(teacher.lm_head.weight.dtype),
+                  "model.norm.weight": self.final_norm}
+        if not student.config.tie_word_embeddings:
+            merged["lm_head.weight"] = self.student_head()
+        for i, (block, layer) in enumerate(zip(teacher.model.layers, self.layers)):
+            w = layer.generate(block.weights())
+            p = f"model.layers.{i}."
+            merged.update({
+                p + "input_layernorm.weight": w.attn_norm, p + "post_attention_layernorm.weight": w.ffn_norm,
+                p + "self_attn.q_proj.weight": w.q, p + "self_attn.q_proj.bias": w.q_bias,
+                p + "self_attn.k_proj.weight": w.k, p + "self_attn.k_proj.bias": w.k_bias,
+                p + "self_attn.v_proj.weight": w.v, p + "self_attn.v_proj.bias": w.v_bias,
+                p + "self_attn.o_proj.weight": w.o, p + "mlp.gate_proj.weight": w.gate,
+                p + "mlp.up_proj.weight": w.up, p + "mlp.down_proj.weight": w.down})
+        student.load_state_dict({k: v.to(device=device, dtype=dtype).clone() for k, v in merged.items()},
+                                strict=False, assign=True)
+        if student.config.tie_word_embeddings:
+            student.lm_head.weight = student.model.embed_tokens.weight
+        return student.requires_grad_(False)
