@@ -407,12 +407,10 @@ def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max
 
 class DistillHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, W_s, h_t, W_t, targets, tau, kl_weight, lm_weight, chunk_size):
+    def forward(ctx, h_s, W_s, h_t, W_t, targets, tau, batch_size, chunk_size, need_grad):
         """h_s [N,d_s], W_s [V,d_s]: student; h_t [N,d], W_t [V,d]: teacher, or None for no KL;
-        targets [N], -1 = ignore; N = B*T positions. Returns (kl_weight * KL_sum + lm_weight * LM_mean,
-        KL_sum, LM_mean); the gradient of the first is computed here, chunk by chunk, and only scaled
-        in backward."""
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        targets [N], -1 = ignore; N = B*T positions. Returns (L_KL + L_LM, L_KL, L_LM); the gradient
+        of the first is computed here, chunk by chunk, and only scaled in backward."""
         n_valid = (targets >= 0).sum().clamp(min=1).float()
         kl_sum = torch.zeros((), device=h_s.device)
         nll_sum = torch.zeros((), device=h_s.device)
@@ -425,29 +423,29 @@ class DistillHead(torch.autograd.Function):
             valid = tgt >= 0
             log_q = torch.log_softmax(logits, dim=-1)
             nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
-            grad = None
-            if need_grad:  # d LM_mean / d logits = (softmax - onehot) / n_valid
+            if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
                 grad = log_q.exp_()
                 grad[valid, tgt[valid]] -= 1.0
-                grad *= (lm_weight / n_valid) * valid[:, None]
+                grad *= valid[:, None] / n_valid
             del log_q
             if h_t is not None:
                 log_p = torch.log_softmax((h_t[rows] @ W_t.T).float() / tau, dim=-1)
                 log_q_tau = torch.log_softmax(logits / tau, dim=-1)
                 p = log_p.exp()
                 kl_sum += (p * (log_p - log_q_tau)).sum()
-                if need_grad:  # d KL / d logits = (softmax(z_s/tau) - p) / tau
-                    grad += (log_q_tau.exp_().sub_(p)) * (kl_weight / tau)
+                if need_grad:  # d L_KL / d logits = (softmax(z_s / tau) - p) / (tau * B)
+                    grad += log_q_tau.exp_().sub_(p) / (tau * batch_size)
                 del log_p, log_q_tau, p
             if need_grad:
                 grad_h[rows] = (grad.to(W_s.dtype) @ W_s).to(h_s.dtype)
                 grad_W += grad.T @ h_s[rows].float()
-            del logits, grad
-        lm_mean = nll_sum / n_valid
+                del grad
+            del logits
+        kl, lm = kl_sum / batch_size, nll_sum / n_valid
         ctx.save_for_backward(grad_h, grad_W)
         ctx.W_dtype = W_s.dtype
-        ctx.mark_non_differentiable(kl_sum, lm_mean)
-        return kl_weight * kl_sum + lm_weight * lm_mean, kl_sum, lm_mean
+        ctx.mark_non_differentiable(kl, lm)
+        return kl + lm, kl, lm
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kl, _grad_lm):
@@ -460,13 +458,14 @@ def distill_loss(student_hidden, student_head, targets, teacher_hidden=None, tea
                  tau=40.0, chunk_size=None):
     """(L_KL + L_LM, L_KL, L_LM) with the reference reductions (spec section 4):
     L_KL = sum over positions of KL(softmax(z_t/tau) || softmax(z_s/tau)) / B  (no tau^2 factor),
-    L_LM = mean cross-entropy at tau = 1. No teacher: L_LM alone (the scratch baseline)."""
+    L_LM = mean cross-entropy at tau = 1. No teacher: L_KL = 0 (the scratch baseline)."""
     B, T, _ = student_hidden.shape
     V = student_head.shape[0]
     chunk_size = chunk_size or max(1, 2**26 // V)  # ~256 MB of float32 per [chunk, V] temporary
+    need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
     h_t = teacher_hidden.reshape(B * T, -1) if teacher_hidden is not None else None
     return DistillHead.apply(student_hidden.reshape(B * T, -1), student_head, h_t, teacher_head,
-                             targets.reshape(B * T), tau, 1.0 / B, 1.0, chunk_size)
+                             targets.reshape(B * T), tau, B, chunk_size, need_grad)
 
 
 # -----------------------------------------------------------------------------
