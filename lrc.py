@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -61,9 +62,12 @@ class Qwen2Config:
         scaling = d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type != "default" or scaling_type != "default":
-            raise LRCError(f"config.json asks for rope type {rope_type if rope_type != 'default' else scaling_type!r}; "
-                           f"lrc supports plain RoPE only: remove rope_scaling from config.json")
+        if rope_type != "default":
+            raise LRCError(f"config.json asks for rope type {rope_type!r} in rope_parameters; lrc supports plain "
+                           f"RoPE only: use a checkpoint without RoPE scaling (rope_type 'default')")
+        if scaling_type != "default":
+            raise LRCError(f"config.json asks for rope type {scaling_type!r} in rope_scaling; lrc supports plain "
+                           f"RoPE only: remove rope_scaling from config.json")
         if d.get("use_sliding_window"):
             raise LRCError("config.json asks for sliding-window attention, which lrc does not support: "
                            "set use_sliding_window to false in config.json")
@@ -368,7 +372,9 @@ def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    # both names: transformers >= 4.56 writes and prefers "dtype", so a stale one copied from the teacher's
+    # config.json would make transformers load a bf16 checkpoint as float32
+    config["torch_dtype"] = config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     shards, size = [{}], 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -425,7 +431,9 @@ class DistillHead(torch.autograd.Function):
             nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
             if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
                 grad = log_q.exp_()
-                grad[valid, tgt[valid]] -= 1.0
+                # the one-hot as a scatter, not boolean indexing: no host sync on GPU (issue 5); rows
+                # with no target add -0.0 (a no-op) and are zeroed by the next line anyway
+                grad.scatter_add_(1, tgt.clamp(min=0)[:, None], -valid[:, None].to(grad.dtype))
                 grad *= valid[:, None] / n_valid
             del log_q
             if h_t is not None:
@@ -510,10 +518,19 @@ class LRCLayer(nn.Module):
                 + mse(s.o, t.o @ self.P_o.to(dt).T) + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
 
 
+def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config):
+    """One student layer and, given the teacher's activations, its clone loss (spec section 4)."""
+    x_s, act_s = qwen2_layer(x_s, weights, cos, sin, config)
+    return x_s, (layer.clone_loss(act_s, act_t) if act_t is not None else None)
+
+
 class LRC(nn.Module):
     def __init__(self, teacher: Qwen2, student_hidden: int, tie_proj: bool = True, alpha: float = 0.5,
-                 tau: float = 40.0, init_std: float = 0.02):
+                 tau: float = 40.0, init_std: float = 0.02, checkpoint_layers: bool = False):
         super().__init__()
+        # checkpoint_layers: keep only each student layer's inputs and recompute the rest in backward
+        # (less activation memory for ~one more student forward; losses and gradients unchanged)
+        self.checkpoint_layers = checkpoint_layers
         c = teacher.config
         if not 1 <= student_hidden <= c.hidden_size:
             raise LRCError(f"student_hidden={student_hidden} must be between 1 and the teacher's hidden_size "
@@ -522,8 +539,7 @@ class LRC(nn.Module):
         self.teacher = teacher
         self.student_hidden, self.tie_proj, self.alpha, self.tau = student_hidden, tie_proj, alpha, tau
         d, d_s = c.hidden_size, student_hidden
-        device = teacher.lm_head.weight.device
-        with torch.device(device if device.type != "meta" else "cpu"):
+        with torch.device(teacher.lm_head.weight.device):
             self.layers = nn.ModuleList(LRCLayer(d, d_s, init_std) for _ in range(c.num_hidden_layers))
             self.P_emb = nn.Parameter(torch.randn(d, d_s) * init_std)
             self.P_lm = None if tie_proj else nn.Parameter(torch.randn(d, d_s) * init_std)
@@ -553,11 +569,21 @@ class LRC(nn.Module):
         clone = torch.zeros((), device=idx.device)
         for block, layer in zip(teacher.model.layers, self.layers):
             teacher_weights = block.weights()
-            x_s, act_s = qwen2_layer(x_s, layer.generate(teacher_weights), cos, sin, c)
+            # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
+            student_weights = layer.generate(teacher_weights)
+            act_t = None
             if with_teacher:
                 with torch.no_grad():
                     x_t, act_t = qwen2_layer(x_t, teacher_weights, cos, sin, c)
-                clone = clone + layer.clone_loss(act_s, act_t)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # recomputes the student layer and its clone loss only: the teacher's activations are
+                # inputs (kept anyway for the clone loss), so the teacher never runs twice
+                x_s, layer_clone = torch.utils.checkpoint.checkpoint(
+                    student_layer, layer, x_s, student_weights, act_t, cos, sin, c, use_reentrant=False)
+            else:
+                x_s, layer_clone = student_layer(layer, x_s, student_weights, act_t, cos, sin, c)
+            if with_teacher:
+                clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
         h_t = teacher.model.norm(x_t) if with_teacher else None
         return h_s, h_t, clone
@@ -581,12 +607,11 @@ class LRC(nn.Module):
     @torch.no_grad()
     def export_student(self, dtype=None) -> Qwen2:
         teacher = self.teacher
-        dtype = as_dtype(dtype) if dtype is not None else teacher.lm_head.weight.dtype
-        device = teacher.lm_head.weight.device
+        E = teacher.model.embed_tokens.weight
+        dtype = as_dtype(dtype) if dtype is not None else E.dtype
         with torch.device("meta"):
             student = Qwen2(self.student_config)
-        merged = {"model.embed_tokens.weight": teacher.model.embed_tokens.weight @ self.P_emb.to(teacher.lm_head.weight.dtype),
-                  "model.norm.weight": self.final_norm}
+        merged = {"model.embed_tokens.weight": E @ self.P_emb.to(E.dtype), "model.norm.weight": self.final_norm}
         if not student.config.tie_word_embeddings:
             merged["lm_head.weight"] = self.student_head()
         for i, (block, layer) in enumerate(zip(teacher.model.layers, self.layers)):
@@ -599,8 +624,10 @@ class LRC(nn.Module):
                 p + "self_attn.v_proj.weight": w.v, p + "self_attn.v_proj.bias": w.v_bias,
                 p + "self_attn.o_proj.weight": w.o, p + "mlp.gate_proj.weight": w.gate,
                 p + "mlp.up_proj.weight": w.up, p + "mlp.down_proj.weight": w.down})
-        student.load_state_dict({k: v.to(device=device, dtype=dtype).clone() for k, v in merged.items()},
-                                strict=False, assign=True)
+        # clone(): the exported model must not share storage with the teacher's biases
+        missing, _ = student.load_state_dict({k: v.to(dtype).clone() for k, v in merged.items()},
+                                             strict=False, assign=True)
+        assert set(missing) <= {"lm_head.weight"}, missing
         if student.config.tie_word_embeddings:
             student.lm_head.weight = student.model.embed_tokens.weight
         return student.requires_grad_(False)
