@@ -428,6 +428,10 @@ class DistillHead(torch.autograd.Function):
             tgt = targets[rows]
             valid = tgt >= 0
             log_q = torch.log_softmax(logits, dim=-1)
+            # in place where a value is used for the last time, freed as soon as done: each [n, V]
+            # temporary is memory (at most four are alive at once)
+            log_q_tau = torch.log_softmax(logits.div_(tau), dim=-1) if h_t is not None else None
+            del logits
             nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
             if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
                 grad = log_q.exp_()
@@ -437,18 +441,16 @@ class DistillHead(torch.autograd.Function):
                 grad *= valid[:, None] / n_valid
             del log_q
             if h_t is not None:
-                log_p = torch.log_softmax((h_t[rows] @ W_t.T).float() / tau, dim=-1)
-                log_q_tau = torch.log_softmax(logits / tau, dim=-1)
+                log_p = torch.log_softmax((h_t[rows] @ W_t.T).float().div_(tau), dim=-1)
                 p = log_p.exp()
-                kl_sum += (p * (log_p - log_q_tau)).sum()
+                kl_sum += log_p.sub_(log_q_tau).mul_(p).sum()
                 if need_grad:  # d L_KL / d logits = (softmax(z_s / tau) - p) / (tau * B)
-                    grad += log_q_tau.exp_().sub_(p) / (tau * batch_size)
+                    grad += log_q_tau.exp_().sub_(p).div_(tau * batch_size)
                 del log_p, log_q_tau, p
             if need_grad:
                 grad_h[rows] = (grad.to(W_s.dtype) @ W_s).to(h_s.dtype)
                 grad_W += grad.T @ h_s[rows].float()
                 del grad
-            del logits
         kl, lm = kl_sum / batch_size, nll_sum / n_valid
         ctx.save_for_backward(grad_h, grad_W)
         ctx.W_dtype = W_s.dtype

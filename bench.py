@@ -1,0 +1,564 @@
+"""
+How close one LRC training step comes to its floor, measured side by side in one run (issue 5).
+
+An LRC step can never cost less than a teacher forward pass plus one training step of the plain
+student it produces: that sum is the floor. On random weights and random tokens bench.py times, with
+warm-up, for one shape:
+  (a) the teacher forward (to logits) in inference mode
+  (b) one training step of the plain student with the exported shape: forward, cross-entropy,
+      backward, gradient clipping, AdamW (fp32 master weights, bf16 autocast on GPU)
+  (c) one LRC training step: lrc.LRC forward (teacher and student streams, clone loss, fused loss
+      head), backward, clipping, AdamW over the projections and norms
+  (d) the same step computed the way the reference implementation computes attention: the
+      student's q/k/v per token as W @ (P @ x) instead of with generated weights
+and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on GPU, MFU.
+
+  python bench.py --shape=mid                         # CPU-sized shape (the issue's targets)
+  python bench.py --shape=qwen2.5-3b                  # one H100/H200: Qwen2.5-3B -> d_s 1200 at seq 2048
+  python bench.py --shape=mid --checkpoint=True       # also (c) with activation checkpointing
+  python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048
+  python bench.py --shape=mid --hidden_size=768 ...   # a shape's dims can be overridden one by one
+
+MFU counts model FLOPs only, per token: 2 x teacher params + 6 x student params + attention, where
+"params" are those that take part in a matmul (the layers and the LM head; an embedding lookup is
+free) and attention is 2 * 2 * L * H * hd * T / 2 for a causal forward (QK^T and AV over T/2 keys on
+average), times 1 for the teacher and 3 for the student (forward + backward). The LRC-only work
+(generating the weights, the clone loss, the KL head) is overhead, not model FLOPs. Peak FLOP/s come
+from a small table of known GPUs (dense bf16) or --peak_tflops.
+
+Peak memory of a variant = the bytes it keeps between steps (teacher weights for a/c/d, its trainable
+weights and optimizer state) + the most bytes allocated at once during one step above that (activations,
+gradients, temporaries). The latter is torch.cuda.max_memory_allocated on GPU and, on CPU, the running
+sum of the CPU allocator's allocations and frees recorded by torch.profiler(profile_memory=True).
+"""
+import contextlib
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+
+# Large CPU temporaries (a [tokens, vocab] float32 block is tens of MB) are mmap'd by glibc and
+# page-faulted afresh every step, which can triple the cost of an elementwise pass. Raising the
+# thresholds lets malloc reuse them; it applies to every variant alike. Set before torch is imported.
+if __name__ == "__main__" and os.environ.get("LRC_BENCH_MALLOC", "1") == "1" \
+        and "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform.startswith("linux"):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="17179869184", MALLOC_TRIM_THRESHOLD_="17179869184",
+               MALLOC_TOP_PAD_="1073741824")
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+import torch
+import torch.nn.functional as F
+
+import lrc
+
+# -----------------------------------------------------------------------------
+# config: defaults, overridden by --key=value (nanoGPT style)
+shape = "mid"            # toy | mid | qwen2.5-3b | qwen2.5-7b (dims below override the shape's)
+vocab_size = 0           # 0: the shape's value, for every dim below
+hidden_size = 0
+intermediate_size = 0
+num_layers = 0
+num_heads = 0
+num_kv_heads = 0
+student_hidden = 0
+batch_size = 0
+seq_len = 0
+variants = "abcd"        # which of (a)..(d) to run
+checkpoint = False       # also time (c) with LRC(checkpoint_layers=True)
+steps = 10               # timed steps per round
+warmup = 3               # untimed steps first (includes compilation)
+rounds = 0               # 0: 3 on CPU (variants interleaved round by round, against contention), 1 on GPU
+device = "auto"          # auto | cpu | cuda | cuda:N
+threads = 0              # CPU: torch intra-op threads (0: torch's default)
+dtype = "auto"           # auto: bf16 weights on GPU, fp32 on CPU
+compile = True           # torch.compile each variant's forward (+ loss)
+peak_tflops = 0.0        # 0: look the GPU up in PEAK_TFLOPS
+lr = 6.7e-5              # AdamW as in training (spec section 4); the value does not change timings
+grad_clip = 1.0
+memory = True            # measure peak memory (one extra step per variant)
+head_mem = False         # instead: loss-head peak memory, lrc.distill_loss vs the plain computation
+head_vocab = 151936
+head_seq = 2048
+head_batch = 1
+head_hidden = 0          # 0: 2048 on GPU (Qwen2.5-3B), 256 on CPU (memory does not depend on it)
+head_student_hidden = 0  # 0: 1200 on GPU, 128 on CPU
+seed = 1337
+# -----------------------------------------------------------------------------
+
+SHAPES = {
+    # dims: vocab, hidden, FFN, layers, heads, kv heads, student hidden, tied embeddings; default B, T
+    # train.py's toy run (config/toy.py): its teacher, student_hidden 64, micro-batch 16 x 128 (the toy
+    # tokenizer has at most 1024 tokens)
+    "toy": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                num_kv_heads=2, student_hidden=64, tie=True, batch_size=16, seq_len=128),
+    "mid": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
+                num_kv_heads=2, student_hidden=320, tie=True, batch_size=16, seq_len=256),
+    # Qwen2.5-3B(-Instruct) -> LRC-1.7B; B=2 x 2048 = 4096 tokens per GPU, what the reference ran per
+    # GPU per optimizer step (32,768 tokens over 8 GPUs)
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                       num_heads=16, num_kv_heads=2, student_hidden=1200, tie=True, batch_size=2, seq_len=2048),
+    # Qwen2.5-7B(-Instruct) -> LRC-4B (untied)
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                       num_heads=28, num_kv_heads=4, student_hidden=2048, tie=False, batch_size=1, seq_len=2048),
+}
+
+# dense bf16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets; first matching name wins
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+               ("H800 PCIe", 756.0), ("H800", 989.4), ("GH200", 989.4), ("B200", 2250.0),
+               ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+
+
+def parse_args(argv, config):
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise lrc.LRCError(f"argument {arg!r} is not of the form --key=value: e.g. --shape=mid")
+        key, value = arg[2:].split("=", 1)
+        if key not in config:
+            raise lrc.LRCError(f"unknown option --{key}: options are {', '.join('--' + k for k in config)}")
+        default = config[key]
+        try:
+            if isinstance(default, bool):
+                if value not in ("True", "False", "true", "false", "1", "0"):
+                    raise ValueError
+                config[key] = value in ("True", "true", "1")
+            else:
+                config[key] = type(default)(value)
+        except ValueError:
+            raise lrc.LRCError(f"--{key}={value} is not a valid {type(default).__name__}: "
+                               f"e.g. --{key}={default}") from None
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and peak FLOP/s
+
+def matmul_params(c: lrc.Qwen2Config) -> int:
+    """Parameters that take part in a matmul for each token: the layers and the LM head."""
+    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    per_layer = d * H * hd + 2 * d * Hkv * hd + H * hd * d + 3 * d * f
+    return c.num_hidden_layers * per_layer + c.vocab_size * d
+
+
+def attention_flops(c: lrc.Qwen2Config, T: int) -> float:
+    """Forward FLOPs per token of QK^T and AV under a causal mask (T/2 keys on average)."""
+    return 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T / 2
+
+
+def model_flops_per_token(teacher_cfg, student_cfg, T, kind):
+    teacher = 2 * matmul_params(teacher_cfg) + attention_flops(teacher_cfg, T)
+    student = 6 * matmul_params(student_cfg) + 3 * attention_flops(student_cfg, T)
+    return {"a": teacher, "b": student}.get(kind, teacher + student)
+
+
+def gpu_peak_tflops(dev):
+    name = torch.cuda.get_device_name(dev)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops, name
+    return 0.0, name
+
+
+# -----------------------------------------------------------------------------
+# (d): the reference implementation's attention, q/k/v per token as W @ (P @ x)
+
+def reference_layer(x, layer, t: lrc.LayerWeights, cos, sin, c):
+    """lrc.qwen2_layer for a student layer, except q/k/v: two matmuls per token through the
+    teacher's width d instead of one with the generated [out, d_s] weight. o/gate/up/down generated."""
+    dt = t.q.dtype
+    o_w, gate_w, up_w, down_w = layer.P_o.to(dt) @ t.o, t.gate @ layer.P_gate.to(dt), \
+        t.up @ layer.P_up.to(dt), layer.P_down.to(dt) @ t.down
+    h = lrc.rms_norm(x, layer.attn_norm.to(dt), c.rms_norm_eps)
+    q = F.linear(F.linear(h, layer.P_q.to(dt)), t.q, t.q_bias)
+    k = F.linear(F.linear(h, layer.P_k.to(dt)), t.k, t.k_bias)
+    v = F.linear(F.linear(h, layer.P_v.to(dt)), t.v, t.v_bias)
+    o = F.linear(lrc.attention(q, k, v, cos, sin, c.head_dim), o_w)
+    x = x + o
+    h = lrc.rms_norm(x, layer.ffn_norm.to(dt), c.rms_norm_eps)
+    gate, up = F.linear(h, gate_w), F.linear(h, up_w)
+    ffn_out = F.linear(F.silu(gate) * up, down_w)
+    return x + ffn_out, lrc.Activations(q, k, v, o, gate, up, ffn_out)
+
+
+class ReferenceStyleLRC(lrc.LRC):
+    """Same parameters, losses and head as lrc.LRC; only the student's q/k/v are computed per token."""
+
+    def streams(self, idx, with_teacher=True):
+        teacher, c = self.teacher, self.teacher.config
+        cos, sin = lrc.rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.head_dim, c.rope_theta)
+        with torch.no_grad():
+            x_t = teacher.model.embed_tokens(idx)
+        x_s = x_t @ self.P_emb.to(x_t.dtype)
+        clone = torch.zeros((), device=idx.device)
+        for block, layer in zip(teacher.model.layers, self.layers):
+            teacher_weights = block.weights()
+            x_s, act_s = reference_layer(x_s, layer, teacher_weights, cos, sin, c)
+            with torch.no_grad():
+                x_t, act_t = lrc.qwen2_layer(x_t, teacher_weights, cos, sin, c)
+            clone = clone + layer.clone_loss(act_s, act_t)
+        h_s = lrc.rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
+        return h_s, teacher.model.norm(x_t), clone
+
+
+# -----------------------------------------------------------------------------
+# the variants: each is built on demand, so that on GPU only one lives at a time next to the teacher
+
+def plain_student_loss(student, idx, targets):
+    logits = student(idx)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def lrc_loss(model, idx, targets):
+    return model(idx, targets)[0]
+
+
+def make_optimizer(params, dev):
+    # as train.py: AdamW(0.9, 0.999), no weight decay, fused on GPU
+    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=dev.type == "cuda")
+
+
+class Variant:
+    def __init__(self, key, label, step, keep, flops_per_token, free=()):
+        self.key, self.label, self.step, self.keep = key, label, step, keep
+        self.flops_per_token, self.free = flops_per_token, list(free)
+        self.times, self.cpu_times, self.compile_s, self.peak_bytes = [], [], None, None
+
+
+def build_variant(key, teacher, student_cfg, idx, targets, dev, amp, tie):
+    """Returns a Variant whose step() runs one full step. keep() lists the tensors it keeps."""
+    maybe_compile = torch.compile if compile else (lambda f: f)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    T = idx.shape[1]
+    flops = model_flops_per_token(teacher.config, student_cfg, T, key[0])
+
+    if key == "a":
+        forward = maybe_compile(teacher)
+
+        def step():
+            with torch.inference_mode(), autocast():
+                forward(idx)
+        return Variant("a", "(a) teacher forward, inference mode", step, lambda: list(teacher.parameters()), flops)
+
+    if key == "b":
+        with torch.device(dev):
+            student = lrc.Qwen2(student_cfg)  # fp32 master weights, like the LRC projections
+        opt = make_optimizer(student.parameters(), dev)
+        params = list(student.parameters())
+        loss_fn = maybe_compile(plain_student_loss)
+        label = "(b) plain student train step"
+    else:
+        cls = ReferenceStyleLRC if key == "d" else lrc.LRC
+        model = cls(teacher, student_cfg.hidden_size, tie_proj=tie, checkpoint_layers=key == "c_ckpt")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, dev)
+        student = model
+        loss_fn = maybe_compile(lrc_loss)
+        label = {"c": "(c) LRC train step", "c_ckpt": "(c) LRC step, checkpoint_layers",
+                 "d": "(d) reference-style LRC step"}[key]
+
+    def step():
+        with autocast():
+            loss = loss_fn(student, idx, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)  # no host sync
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def keep():
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return list(student.parameters()) + state
+    return Variant(key, label, step, keep, flops, free=[student, opt])
+
+
+# -----------------------------------------------------------------------------
+# timing and memory
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_steps(step, n, dev):
+    """(wall seconds, CPU seconds) per step. GPU: CUDA events around each step, read after one sync at
+    the end (no host sync between steps, so launch overhead is hidden exactly as in training). CPU: wall
+    clock, and the process's CPU time (all threads), which other processes on the machine inflate less."""
+    if dev.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(dev)
+        return [start.elapsed_time(end) / 1e3 for start, end in events], []
+    times, cpu_times = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    return times, cpu_times
+
+
+def storage_bytes(tensors):
+    storages = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def cpu_peak_transient_bytes(fn):
+    """Most bytes held at once by allocations made during fn() (net of its frees), from the CPU
+    allocator events torch.profiler records with profile_memory=True."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+    allocations = sorted((e.start_time_ns, e.extra_fields.alloc_size)
+                         for e in walk(prof.profiler.kineto_results.experimental_event_tree())
+                         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu")
+    current = peak = 0
+    for _, size in allocations:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def peak_transient_bytes(fn, dev):
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        sync(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    try:
+        return cpu_peak_transient_bytes(fn)
+    except Exception as e:  # private profiler API: degrade to "not measured", never fail the benchmark
+        print(f"note: CPU memory not measured ({type(e).__name__}: {e})")
+        return None
+
+
+def run_variant_warmup(v, dev):
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        v.step()
+        sync(dev)
+        if i == 0:
+            v.compile_s = time.perf_counter() - t0
+
+
+def measure_memory(v, dev):
+    if memory:
+        transient = peak_transient_bytes(v.step, dev)
+        v.peak_bytes = None if transient is None else storage_bytes(v.keep()) + transient
+
+
+def release(v, dev):
+    v.step = v.keep = None
+    v.free.clear()
+    if compile and dev.type == "cuda":
+        torch._dynamo.reset()  # compiled graphs hold references to the modules they were built for
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# loss-head memory: lrc.distill_loss (chunked, fused) against the plain computation
+
+def plain_head_loss(h_s, W_s, targets, h_t, W_t, tau):
+    """KL + LM with full [B*T, V] float32 logits and autograd: what the chunked head replaces."""
+    B, V = h_s.shape[0], W_s.shape[0]
+    z_s = (h_s @ W_s.T).float()
+    with torch.no_grad():
+        log_p = torch.log_softmax((h_t @ W_t.T).float() / tau, dim=-1)
+    log_q = torch.log_softmax(z_s / tau, dim=-1)
+    kl = F.kl_div(log_q.view(-1, V), log_p.view(-1, V), log_target=True, reduction="sum") / B
+    lm = F.cross_entropy(z_s.view(-1, V), targets.view(-1), ignore_index=-1)
+    return kl + lm
+
+
+def bench_head_memory(dev, wdtype):
+    V, T, B = head_vocab, head_seq, head_batch
+    d = head_hidden or (2048 if dev.type == "cuda" else 256)
+    d_s = head_student_hidden or (1200 if dev.type == "cuda" else 128)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h_s = torch.randn(B, T, d_s, device=dev, generator=g).to(wdtype).requires_grad_()
+    W_s = (torch.randn(V, d_s, device=dev, generator=g) * 0.02).to(wdtype).requires_grad_()
+    h_t = torch.randn(B, T, d, device=dev, generator=g).to(wdtype)
+    W_t = (torch.randn(V, d, device=dev, generator=g) * 0.02).to(wdtype)
+    targets = torch.randint(V, (B, T), device=dev, generator=g)
+    full = B * T * V * 4
+    print(f"loss head at V={V}, B={B}, T={T}, d={d}, d_s={d_s}, {wdtype}, {dev.type}; "
+          f"one [B*T, V] float32 tensor = {full / 2**20:.0f} MiB")
+    print(f"{'head':<38}{'peak extra MiB':>15}{'x [B*T,V]':>11}{'ms fwd+bwd':>12}")
+
+    def fused():
+        lrc.distill_loss(h_s, W_s, targets, h_t, W_t, tau=40.0)[0].backward()
+
+    def plain():
+        plain_head_loss(h_s, W_s, targets, h_t, W_t, 40.0).backward()
+
+    chunk = max(1, 2**26 // V)
+    for label, fn in ((f"lrc.distill_loss (chunks of {chunk} rows)", fused), ("plain log_softmax KL + CE", plain)):
+        h_s.grad = W_s.grad = None
+        fn()  # warm-up
+        h_s.grad = W_s.grad = None
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        ms = (time.perf_counter() - t0) * 1e3
+        h_s.grad = W_s.grad = None
+        peak = peak_transient_bytes(fn, dev)
+        peak_s = "n/a" if peak is None else f"{peak / 2**20:.0f}"
+        ratio = "n/a" if peak is None else f"{peak / full:.2f}"
+        print(f"{label:<38}{peak_s:>15}{ratio:>11}{ms:>12.0f}")
+    print("peak extra = most bytes allocated at once during forward + backward above what was allocated "
+          "before (includes the input gradients, same for both)")
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))
+              and k not in ("SHAPES",)}
+    parse_args(sys.argv[1:], config)
+    globals().update(config)
+
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise lrc.LRCError("--device=cuda but torch sees no CUDA device: use --device=cpu or auto")
+    wdtype = lrc.as_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    amp = dev.type == "cuda" and wdtype != torch.float32  # plain student: fp32 masters + bf16 autocast
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+               else f"{os.cpu_count()}-core {os.uname().machine} CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {machine}, weights {wdtype}, compile={compile}")
+
+    if head_mem:
+        return bench_head_memory(dev, wdtype)
+
+    if shape not in SHAPES:
+        raise lrc.LRCError(f"unknown --shape={shape}: use one of {', '.join(SHAPES)}")
+    s = dict(SHAPES[shape])
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "student_hidden", "batch_size", "seq_len"):
+        if config[key]:
+            s[key] = config[key]
+    B, T = s["batch_size"], s["seq_len"]
+    teacher_cfg = lrc.Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                                  intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+                                  num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                                  tie_word_embeddings=s["tie"], max_position_embeddings=max(T, 32768))
+    # random weights, built on the device directly in the weight dtype (no 2x copy of a 7B model)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(wdtype)
+    try:
+        with torch.device(dev):
+            teacher = lrc.Qwen2(teacher_cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    teacher.requires_grad_(False).eval()
+    student_cfg = lrc.LRC(teacher, s["student_hidden"], tie_proj=s["tie"]).student_config  # the exported shape
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tokens = torch.randint(teacher_cfg.vocab_size, (B, T + 1), device=dev, generator=g)
+    idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    n_rounds = rounds or (1 if dev.type == "cuda" else 3)
+    keys = [k for k in "abcd" if k in variants] + (["c_ckpt"] if checkpoint else [])
+    print(f"shape {shape}: V={teacher_cfg.vocab_size} d={teacher_cfg.hidden_size} f={teacher_cfg.intermediate_size} "
+          f"L={teacher_cfg.num_hidden_layers} H={teacher_cfg.num_attention_heads} Hkv={teacher_cfg.num_key_value_heads} "
+          f"hd={teacher_cfg.head_dim} tied={teacher_cfg.tie_word_embeddings} -> d_s={student_cfg.hidden_size}; "
+          f"B={B} T={T} ({B * T} tokens/step); matmul params teacher {matmul_params(teacher_cfg) / 1e6:.1f}M, "
+          f"student {matmul_params(student_cfg) / 1e6:.1f}M")
+    print(f"{warmup} warm-up + {n_rounds} round(s) x {steps} timed steps per variant; "
+          f"load average at start {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+
+    def build(key):
+        return build_variant(key, teacher, student_cfg, idx, targets, dev, amp, s["tie"])
+
+    done = []
+    if n_rounds == 1:  # one variant at a time: on GPU only the teacher and that variant are resident
+        for key in keys:
+            v = build(key)
+            run_variant_warmup(v, dev)
+            wall, cpu = time_steps(v.step, steps, dev)
+            v.times += wall
+            v.cpu_times += cpu
+            measure_memory(v, dev)
+            release(v, dev)
+            done.append(v)
+    else:  # all resident; rounds interleave the variants so that contention hits them alike
+        done = [build(key) for key in keys]
+        for v in done:
+            run_variant_warmup(v, dev)
+        for _ in range(n_rounds):
+            for v in done:
+                wall, cpu = time_steps(v.step, steps, dev)
+                v.times += wall
+                v.cpu_times += cpu
+        for v in done:
+            measure_memory(v, dev)
+            release(v, dev)
+
+    peak = peak_tflops
+    if dev.type == "cuda" and not peak:
+        peak, name = gpu_peak_tflops(dev)
+        if not peak:
+            print(f"note: no peak FLOP/s known for {name!r}: pass --peak_tflops for MFU")
+    stats = {"median wall": {v.key: statistics.median(v.times) for v in done},
+             "min wall": {v.key: min(v.times) for v in done}}
+    if dev.type == "cpu":
+        stats["median CPU time"] = {v.key: statistics.median(v.cpu_times) for v in done}
+    median = stats["median wall"]
+    cpu_col = dev.type == "cpu"
+    print(f"{'variant':<36}{'ms/step':>9}{'min':>9}" + (f"{'CPU ms':>9}" if cpu_col else "")
+          + f"{'tokens/s':>10}{'peak MiB':>10}{'MFU':>7}{'1st step s':>11}")
+    for v in done:
+        tps = B * T / median[v.key]
+        mem = "n/a" if v.peak_bytes is None else f"{v.peak_bytes / 2**20:.0f}"
+        mfu = f"{100 * v.flops_per_token * tps / (peak * 1e12):.1f}%" if peak else "-"
+        cpu_ms = f"{1e3 * stats['median CPU time'][v.key]:>9.1f}" if cpu_col else ""
+        print(f"{v.label:<36}{1e3 * median[v.key]:>9.1f}{1e3 * min(v.times):>9.1f}{cpu_ms}{tps:>10.0f}{mem:>10}"
+              f"{mfu:>7}{v.compile_s:>11.1f}")
+    print("ms/step, tokens/s and MFU from the median wall time per step" +
+          ("; CPU ms = median CPU time of this process per step (all threads)" if cpu_col else ""))
+    for name, t in stats.items():
+        parts = []
+        if {"a", "b", "c"} <= t.keys():
+            parts.append(f"floor ratio c/(a+b) = {t['c'] / (t['a'] + t['b']):.3f}")
+        if {"c", "d"} <= t.keys():
+            parts.append(f"c/d = {t['c'] / t['d']:.3f}")
+        if {"c", "c_ckpt"} <= t.keys():
+            parts.append(f"checkpointing costs {t['c_ckpt'] / t['c']:.3f}x (c)")
+        if parts:
+            print(f"from {name:<16}: " + ", ".join(parts))
+    if hasattr(os, "getloadavg"):
+        print(f"load average at end {os.getloadavg()[0]:.2f} (above the thread count: timings contended)")
+    print("model FLOPs/token: 2*teacher + 6*student matmul params + causal attention "
+          f"= {model_flops_per_token(teacher_cfg, student_cfg, T, 'c') / 1e9:.3f} GFLOP (c, d); reference "
+          "LRC-1.7B: ~8.7k tokens/s per H800")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except lrc.LRCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,34 @@
+# LRC-1.7B: the released recipe (spec section 4; the LRC-1.7B-Base model card).
+#   torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py --data=DIR
+# DIR: token files made with the teacher's tokenizer, e.g.
+#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input=fineweb_edu/*.jsonl --out=DIR --val_fraction=0.0005
+out_dir = "out/lrc_1.7b"
+method = "lrc"
+teacher = "Qwen/Qwen2.5-3B-Instruct"     # 36 layers, hidden 2048, tied embeddings
+data = "data/tokens_qwen2.5"             # override with --data=DIR
+student_hidden = 1200
+tie_proj = True                          # tied teacher + tie_proj: a tied student, like the release
+alpha = 0.5
+tau = 40.0
+seq_len = 2048
+tokens_per_step = 32768                  # 16 sequences of 2048 tokens per optimizer step
+# 2 sequences per forward on each of 8 GPUs = 32,768 tokens: no accumulation on one 8-GPU node. The
+# bf16 teacher (6 GB), the float32 projections with their Adam state and gradients (~10 GB) and the
+# activations of 2 x 2048 tokens fit an 80 GB H800/H100. One GPU: grad_accum becomes 8 by itself;
+# two nodes (16 GPUs): pass --micro_batch_size=1.
+micro_batch_size = 2
+max_tokens = 20e9                        # 20B tokens = 610,352 steps
+lr = 6.7e-5
+min_lr = 0.0
+warmup_ratio = 0.005
+decay = "linear"
+beta1 = 0.9
+beta2 = 0.999
+weight_decay = 0.0
+grad_clip = 1.0
+log_interval = 10
+eval_interval = 2000
+eval_tokens = 1048576
+save_interval = 2000
+keep_last = 3
+overwrite = False                        # a restart without --resume is refused instead of starting over

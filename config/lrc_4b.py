@@ -1,0 +1,33 @@
+# LRC-4B: teacher Qwen2.5-7B-Instruct, d_s = 2048, untied, 18B tokens (the LRC-4B model card). The card
+# gives no other pre-training hyperparameters; the rest follows the LRC-1.7B recipe (config/lrc_1.7b.py).
+#   torchrun --standalone --nproc_per_node=8 train.py config/lrc_4b.py --data=DIR
+# DIR: python data/prepare.py --tokenizer=Qwen/Qwen2.5-7B-Instruct --input=... --out=DIR --val_fraction=0.0005
+out_dir = "out/lrc_4b"
+method = "lrc"
+teacher = "Qwen/Qwen2.5-7B-Instruct"     # 28 layers, hidden 3584, untied embeddings
+data = "data/tokens_qwen2.5"             # override with --data=DIR
+student_hidden = 2048
+tie_proj = False                         # separate P_emb and P_lm: an untied student, like the release
+alpha = 0.5
+tau = 40.0
+seq_len = 2048
+tokens_per_step = 32768
+# 1 sequence per forward on each of 8 GPUs, 2 micro-steps: the bf16 teacher (15 GB), ~1.5B float32
+# projection parameters with Adam state and gradients (~23 GB) and the activations leave little room on
+# 80 GB for a second sequence.
+micro_batch_size = 1
+max_tokens = 18e9                        # 18B tokens = 549,317 steps
+lr = 6.7e-5
+min_lr = 0.0
+warmup_ratio = 0.005
+decay = "linear"
+beta1 = 0.9
+beta2 = 0.999
+weight_decay = 0.0
+grad_clip = 1.0
+log_interval = 10
+eval_interval = 2000
+eval_tokens = 1048576
+save_interval = 2000
+keep_last = 3
+overwrite = False

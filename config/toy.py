@@ -1,0 +1,16 @@
+# The toy preset: what `python train.py` runs with no arguments (these values restate train.py's DEFAULTS).
+# A tiny Qwen2 teacher is trained from scratch on the toy corpus on first use (cached in out_dir/teacher),
+# then distilled into a narrower LRC student. Finishes in a few minutes on a 2-core CPU, offline.
+out_dir = "out/toy"
+method = "lrc"
+teacher = "toy"
+data = "toy"
+student_hidden = 64
+seq_len = 128
+tokens_per_step = 4096
+micro_batch_size = 16
+max_steps = 200
+lr = 1e-2
+warmup_ratio = 0.05
+log_interval = 25
+save_interval = 100

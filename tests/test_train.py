@@ -1,0 +1,401 @@
+"""train.py: configuration, the three methods, checkpoints and exact resume, DDP equivalence, torch.compile,
+and one-line refusals of bad input. Tiny teachers and token files are written here directly, so each run
+takes a second or two on a CPU."""
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lrc
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 64
+
+
+def make_teacher(path, hidden=32, seed=0, tokenizer_bytes=b'{"toy": "tokenizer"}', layers=2):
+    torch.manual_seed(seed)
+    config = lrc.Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             rope_theta=10000.0, max_position_embeddings=128)
+    lrc.save_qwen2(lrc.Qwen2(config), path)
+    with open(os.path.join(path, "tokenizer.json"), "wb") as f:  # only its sha256 matters to train.py
+        f.write(tokenizer_bytes)
+    return path
+
+
+def make_data(path, tokenizer_bytes=b'{"toy": "tokenizer"}', n=6000, bad_id=None, vocab=VOCAB):
+    """A learnable stream (a noisy deterministic successor rule) as uint32 token files + meta.json."""
+    rng = np.random.default_rng(0)
+    tokens = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        tokens[i] = (5 * tokens[i - 1] + 3) % VOCAB if rng.random() > 0.1 else rng.integers(VOCAB)
+    if bad_id is not None:
+        tokens[n // 2] = bad_id
+    os.makedirs(path, exist_ok=True)
+    tokens[: n - 1000].astype("<u4").tofile(os.path.join(path, "train.bin"))
+    tokens[n - 1000:].astype("<u4").tofile(os.path.join(path, "val.bin"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"vocab_size": vocab, "eos_id": 0, "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest(),
+                   "n_tokens": {"train": n - 1000, "val": 1000}}, f)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds synchronisation, which a busy machine makes slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return {"teacher": make_teacher(str(root / "teacher")), "data": make_data(str(root / "data")), "root": root}
+
+
+def config(world, out_dir, **overrides):
+    cfg = dict(teacher=world["teacher"], data=world["data"], out_dir=str(out_dir), student_hidden=16, seq_len=16,
+               tokens_per_step=128, micro_batch_size=4, max_steps=6, lr=1e-2, warmup_ratio=0.0, log_interval=2,
+               eval_tokens=0, save_interval=0, keep_last=2)
+    cfg.update(overrides)
+    return cfg
+
+
+def tensors(ckpt, file="model.safetensors"):
+    return load_file(os.path.join(ckpt, file))
+
+
+def assert_one_line(error):
+    message = str(error.value)
+    assert message and "\n" not in message
+    return message
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+def test_cli_and_config_files(tmp_path):
+    cfg = train.parse_args(["--lr=1", "--tie_proj=0", "--compile=True", "--max_steps=1e3",
+                            "--teacher=Qwen/Qwen2.5-3B-Instruct", "--out_dir=123", "--resume"])
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)        # int accepted for a float key
+    assert cfg["tie_proj"] is False and cfg["compile"] is True and cfg["resume"] is True
+    assert cfg["max_steps"] == 1000 and isinstance(cfg["max_steps"], int)
+    assert cfg["teacher"] == "Qwen/Qwen2.5-3B-Instruct" and cfg["out_dir"] == "123"
+    # the later of max_steps / max_tokens wins
+    assert train.parse_args(["--max_tokens=1e6"])["max_steps"] is None
+    file = tmp_path / "mine.py"
+    file.write_text("import math\nstudent_hidden = 48\nlr = 2e-4\n_private = 1\n")
+    cfg = train.parse_args([str(file), "--lr=3e-4"])
+    assert cfg["student_hidden"] == 48 and cfg["lr"] == 3e-4      # later arguments override earlier ones
+
+    for argv, expected in [(["--lrr=1"], "did you mean 'lr'"), (["--lr=abc"], "lr='abc'"),
+                           (["--max_steps=True"], "max_steps=True"), (["--seq_len=1.5"], "seq_len=1.5"),
+                           (["--method=distil"], "not one of"), (["--tie_proj=2"], "tie_proj=2"),
+                           (["--lr"], "--key=value"), (["stray"], "unexpected argument"),
+                           ([str(tmp_path / "missing.py")], "does not exist")]:
+        with pytest.raises(lrc.LRCError) as e:
+            train.parse_args(argv)
+        assert expected in assert_one_line(e), (argv, str(e.value))
+    bad = tmp_path / "bad.py"
+    bad.write_text("student_hiden = 48\n")
+    with pytest.raises(lrc.LRCError, match="did you mean 'student_hidden'"):
+        train.parse_args([str(bad)])
+    bad.write_text("lr = 'fast'\n")
+    with pytest.raises(lrc.LRCError, match="lr='fast'"):
+        train.parse_args([str(bad)])
+    with pytest.raises(lrc.LRCError, match="both max_steps"):
+        train.make_config({"max_steps": 10, "max_tokens": 1e6})
+
+
+def test_presets_match_the_released_models():
+    c = train.parse_args([os.path.join(REPO, "config", "lrc_1.7b.py")])
+    assert (c["teacher"], c["student_hidden"], c["tie_proj"], c["alpha"], c["tau"]) == \
+        ("Qwen/Qwen2.5-3B-Instruct", 1200, True, 0.5, 40.0)
+    assert (c["lr"], c["warmup_ratio"], c["decay"], c["seq_len"], c["tokens_per_step"]) == \
+        (6.7e-5, 0.005, "linear", 2048, 32768)
+    assert (c["beta1"], c["beta2"], c["grad_clip"], c["max_tokens"], c["max_steps"]) == (0.9, 0.999, 1.0, 20e9, None)
+    assert c["tokens_per_step"] % (c["seq_len"] * c["micro_batch_size"] * 8) == 0   # one 8-GPU node
+    c = train.parse_args([os.path.join(REPO, "config", "lrc_4b.py")])
+    assert (c["teacher"], c["student_hidden"], c["tie_proj"], c["max_tokens"]) == \
+        ("Qwen/Qwen2.5-7B-Instruct", 2048, False, 18e9)
+    assert c["tokens_per_step"] % (c["seq_len"] * c["micro_batch_size"] * 8) == 0
+    toy = train.parse_args([os.path.join(REPO, "config", "toy.py")])
+    assert toy == train.DEFAULTS  # the toy preset is what `python train.py` runs
+
+
+def test_schedule_warmup_then_decay():
+    cfg = train.make_config({"lr": 1.0, "min_lr": 0.1, "warmup_ratio": 0.1})
+    lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)          # 10 warmup steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 0.1
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * (1 - 45 / 90))                     # linear
+    cos = [train.lr_at(s, 100, dict(cfg, decay="cosine")) for s in range(100)]
+    assert cos[55] == pytest.approx(0.55) and cos[30] > lrs[30]
+
+
+def test_window_sampling_is_a_pure_function_of_seed_and_step():
+    a = train.window_offsets(1, 5, 8, 1000, 16)
+    assert np.array_equal(a, train.window_offsets(1, 5, 8, 1000, 16))
+    assert not np.array_equal(a, train.window_offsets(1, 6, 8, 1000, 16))
+    assert a.min() >= 0 and a.max() <= 1000 - 17
+
+
+# -----------------------------------------------------------------------------
+# the three methods and the checkpoint format
+
+def test_lrc_run_writes_the_checkpoint_format(world, tmp_path, capsys):
+    summary = train.train(config(world, tmp_path, max_steps=12, log_interval=4, eval_tokens=256,
+                                 wandb_project="nope"))
+    out = capsys.readouterr().out
+    assert "step 12/12 | loss" in out and "tok/s" in out and "python convert.py --ckpt=" in out
+    assert "wandb is not installed" in out or "wandb" in sys.modules
+    assert summary["last"]["loss"] < summary["first"]["loss"]
+    assert summary["last"]["clone"] < summary["first"]["clone"]
+    ckpt = os.path.join(str(tmp_path), "ckpt_00000012")
+    assert summary["checkpoint"] == ckpt and sorted(os.listdir(ckpt)) == \
+        ["model.safetensors", "optimizer.safetensors", "state.json"]
+    weights = tensors(ckpt)
+    teacher = lrc.load_qwen2(world["teacher"])
+    model = lrc.LRC(teacher, 16)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(weights) == expected and all(t.dtype == torch.float32 for t in weights.values())
+    opt = tensors(ckpt, "optimizer.safetensors")
+    assert {k.partition(".")[2] for k in opt} == expected and {k.partition(".")[0] for k in opt} == \
+        {"exp_avg", "exp_avg_sq", "step"}
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    assert state["step"] == 12 and state["tokens_seen"] == 12 * 128 and state["method"] == "lrc"
+    assert state["teacher"] == world["teacher"] and state["lrc_version"] == 1
+    assert state["teacher_config"] == teacher.config.to_dict()
+    assert state["student_config"] == model.student_config.to_dict()
+    assert state["config"]["student_hidden"] == 16 and "torch_cpu" in state["rng"] and state["data"]["next_step"] == 12
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 4, 8, 12] and "val_lm" in rows[-1]
+    # the checkpoint reproduces the trained student: load it into a fresh LRC and compare losses
+    with torch.no_grad():
+        model.load_state_dict({**teacher_state(model), **weights})
+        x = torch.randint(0, VOCAB, (2, 16))
+        assert torch.isfinite(model.student_logits(x)).all()
+
+
+def teacher_state(model):
+    return {n: p for n, p in model.state_dict().items() if n.startswith("teacher.")}
+
+
+@pytest.mark.parametrize("method", ["kd", "scratch"])
+def test_baselines_run_and_learn(world, tmp_path, method):
+    summary = train.train(config(world, tmp_path, method=method, max_steps=12, log_interval=4, lr=3e-3))
+    first, last = summary["first"], summary["last"]
+    assert last["loss"] < first["loss"] and last["lm"] < first["lm"]
+    assert last["clone"] == 0.0 and (last["kl"] == 0.0) == (method == "scratch")
+    weights = tensors(summary["checkpoint"])
+    # an ordinary Qwen2 of the exported shape (hidden 16, tied like the teacher), Hugging Face names
+    assert weights["model.embed_tokens.weight"].shape == (VOCAB, 16) and "lm_head.weight" not in weights
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)   # 4 heads x head_dim 8
+    state = json.load(open(os.path.join(summary["checkpoint"], "state.json")))
+    assert state["student_config"]["hidden_size"] == 16 and state["student_config"]["head_dim"] == 8
+    assert (state["teacher_config"] is None) == (method == "scratch")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: exact resume, atomic saves, keep_last
+
+def test_resume_is_bit_identical(world, tmp_path):
+    straight = train.train(config(world, tmp_path / "a", max_steps=8, save_interval=4))
+    train.train(config(world, tmp_path / "b", max_steps=8, stop_step=4))
+    resumed = train.train(config(world, tmp_path / "b", max_steps=8, resume=True))
+    assert resumed["step"] == 8
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        a, b = tensors(straight["checkpoint"], file), tensors(resumed["checkpoint"], file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    # and it really trained on: the step-4 checkpoint differs from the final one
+    mid = tensors(os.path.join(str(tmp_path / "a"), "ckpt_00000004"))
+    assert not torch.equal(mid["P_emb"], tensors(straight["checkpoint"])["P_emb"])
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    straight = train.train(config(world, tmp_path / "straight", max_steps=6))
+    calls = {"n": 0}
+    real_save = train.save_file
+
+    def failing_save(tensors_, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # model.safetensors of the second checkpoint (step 4)
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise OSError("disk full")
+        return real_save(tensors_, path, metadata=metadata)
+
+    out = tmp_path / "crash"
+    monkeypatch.setattr(train, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.train(config(world, out, max_steps=6, save_interval=2))
+    monkeypatch.setattr(train, "save_file", real_save)
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(out))] == ["ckpt_00000002"]
+    assert not glob.glob(str(out / ".tmp-*"))
+    os.makedirs(out / ".tmp-ckpt-killed")  # what a kill -9 mid-save would leave: ignored, then cleaned up
+    train.read_checkpoint(train.latest_checkpoint(str(out)))
+    resumed = train.train(config(world, out, max_steps=6, resume=True))
+    assert not glob.glob(str(out / ".tmp-*"))
+    a, b = tensors(straight["checkpoint"]), tensors(resumed["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_last(world, tmp_path):
+    train.train(config(world, tmp_path, max_steps=5, save_interval=1, keep_last=2))
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_00000004", "ckpt_00000005"]
+
+
+# -----------------------------------------------------------------------------
+# bad input: a one-line error, nothing lost
+
+def test_missing_or_unreadable_teacher(world, tmp_path):
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path / "out", teacher=str(tmp_path / "nowhere")))
+    assert "nowhere" in assert_one_line(e)
+    broken = make_teacher(str(tmp_path / "broken"))
+    file = os.path.join(broken, "model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path / "out", teacher=broken))
+    assert "could not read the teacher" in assert_one_line(e)
+
+
+def test_data_from_another_tokenizer(world, tmp_path, capsys):
+    other = make_data(str(tmp_path / "other"), tokenizer_bytes=b"another tokenizer")
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path / "out", data=other, strict_tokenizer=True))
+    assert "another tokenizer.json" in assert_one_line(e)
+    summary = train.train(config(world, tmp_path / "out", data=other, max_steps=1))  # default: a warning
+    assert "warning:" in capsys.readouterr().out and summary["step"] == 1
+
+
+def test_token_ids_out_of_range(world, tmp_path):
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path / "out", data=make_data(str(tmp_path / "d1"), bad_id=VOCAB)))
+    assert f"token id {VOCAB}" in assert_one_line(e)
+    with pytest.raises(lrc.LRCError) as e:  # meta.json says a bigger vocabulary
+        train.train(config(world, tmp_path / "out", data=make_data(str(tmp_path / "d2"), vocab=VOCAB + 1)))
+    assert_one_line(e)
+
+
+def test_batch_must_divide(world, tmp_path):
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path, tokens_per_step=100))
+    assert "not a multiple" in assert_one_line(e)
+
+
+def test_resume_refuses_another_teacher_or_student(world, tmp_path):
+    out = tmp_path / "out"
+    train.train(config(world, out, max_steps=2))
+    before = sorted(os.listdir(out))
+    other_shape = make_teacher(str(tmp_path / "wide"), hidden=48)
+    other_weights = make_teacher(str(tmp_path / "reseeded"), seed=1)
+    for overrides, expected in [({"student_hidden": 24}, "student_hidden=16"),
+                                ({"teacher": other_shape}, "different teacher (head_dim 8 in the checkpoint, 12 now)"),
+                                ({"teacher": other_weights}, "other teacher weights"),
+                                ({"method": "kd"}, "method='lrc'")]:
+        with pytest.raises(lrc.LRCError) as e:
+            train.train(config(world, out, max_steps=4, resume=True, **overrides))
+        assert expected in assert_one_line(e), str(e.value)
+    assert sorted(os.listdir(out)) == before
+    with pytest.raises(lrc.LRCError, match="already holds checkpoints"):
+        train.train(config(world, out, overwrite=False))
+    with pytest.raises(lrc.LRCError, match="no checkpoint"):
+        train.train(config(world, tmp_path / "empty", resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_forward = lrc.LRC.forward
+    calls = {"n": 0}
+
+    def blow_up_at_step_5(self, idx, targets):  # 2 micro-steps per step: calls 9 and 10 are step 5
+        calls["n"] += 1
+        loss, parts = real_forward(self, idx, targets)
+        return (loss * float("nan"), parts) if calls["n"] >= 9 else (loss, parts)
+
+    monkeypatch.setattr(lrc.LRC, "forward", blow_up_at_step_5)
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, out, max_steps=8, save_interval=2, log_interval=100))
+    message = assert_one_line(e)
+    good = os.path.join(str(out), "ckpt_00000004")
+    assert message.startswith(f"non-finite loss at step 5; the last good checkpoint is {good}")
+    assert train.list_checkpoints(str(out)) == [os.path.join(str(out), "ckpt_00000002"), good]
+    assert all(torch.isfinite(t).all() for t in tensors(good).values())
+
+
+def test_command_line_errors_are_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", f"--teacher={tmp_path / 'nowhere'}", "--data=x",
+                             f"--out_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+# -----------------------------------------------------------------------------
+# distributed and compiled
+
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+    one = train.train(config(world, tmp_path / "one", max_steps=4))         # grad_accum 2
+    args = [f"--{k}={v}" for k, v in config(world, tmp_path / "two", max_steps=4).items()]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 ranks x 1 micro-steps" in result.stdout
+    assert result.stdout.count("step 4/4 |") == 1                           # only rank 0 logs
+    a = tensors(one["checkpoint"])
+    b = tensors(os.path.join(str(tmp_path / "two"), "ckpt_00000004"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_steps_on_cpu(world, tmp_path):
+    torch._dynamo.reset()
+    teacher = make_teacher(str(tmp_path / "teacher"), layers=1)  # one layer: fewer kernels to build
+    summary = train.train(config(world, tmp_path / "out", teacher=teacher, compile=True, max_steps=3, log_interval=1,
+                                 tokens_per_step=64))
+    torch.manual_seed(1337)  # train() seeds with cfg["seed"] before building the model: the same initial P_emb
+    init = lrc.LRC(lrc.load_qwen2(teacher), 16)
+    trained = tensors(summary["checkpoint"])
+    assert all(np.isfinite(summary["last"][k]) for k in ("loss", "kl", "lm", "clone"))
+    assert not torch.equal(trained["P_emb"], init.P_emb.detach())
+
+
+# -----------------------------------------------------------------------------
+# the zero-argument toy path, shrunk: toy corpus, toy tokenizer, a teacher trained by method=scratch, cached
+
+def test_toy_path_builds_caches_and_distils(tmp_path, capsys):
+    tiny = dict(out_dir=str(tmp_path), toy_teacher_hidden=32, toy_teacher_layers=1, toy_teacher_ffn=64,
+                toy_teacher_heads=2, toy_teacher_kv_heads=1, toy_teacher_steps=2, max_steps=2, seq_len=32,
+                tokens_per_step=128, micro_batch_size=4, student_hidden=8, eval_tokens=256, log_interval=1)
+    summary = train.train(tiny)
+    out = capsys.readouterr().out
+    assert "toy teacher: training" in out and "[teacher] step 2/2" in out and "step 2/2 | loss" in out
+    teacher = os.path.join(str(tmp_path), "teacher")
+    assert summary["teacher"] == teacher and os.path.isfile(os.path.join(teacher, "tokenizer.json"))
+    assert lrc.load_qwen2(teacher).config.hidden_size == 32
+    assert f"--data={os.path.join(str(tmp_path), 'data', 'val.txt')}" in out
+    train.train(dict(tiny, max_steps=1))
+    assert "toy teacher: reusing" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(world, tmp_path):
+    plain = train.train(config(world, tmp_path / "plain", max_steps=2))
+    recomputed = train.train(config(world, tmp_path / "ckpt", max_steps=2, activation_checkpointing=True))
+    a, b = tensors(plain["checkpoint"]), tensors(recomputed["checkpoint"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    with pytest.raises(lrc.LRCError, match="method=lrc only"):
+        train.train(config(world, tmp_path / "kd", method="kd", activation_checkpointing=True))
