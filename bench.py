@@ -496,14 +496,23 @@ def main():
     done = []
     if n_rounds == 1:  # one variant at a time: on GPU only the teacher and that variant are resident
         for key in keys:
-            v = build(key)
-            run_variant_warmup(v, dev)
-            wall, cpu = time_steps(v.step, steps, dev)
-            v.times += wall
-            v.cpu_times += cpu
-            measure_memory(v, dev)
-            release(v, dev)
-            done.append(v)
+            v = None
+            try:
+                v = build(key)
+                run_variant_warmup(v, dev)
+                wall, cpu = time_steps(v.step, steps, dev)
+                v.times += wall
+                v.cpu_times += cpu
+                measure_memory(v, dev)
+                done.append(v)
+            except torch.OutOfMemoryError:
+                print(f"note: ({key}) ran out of memory at B={B}, T={T}: skipped (try --batch_size=1 or "
+                      f"--checkpoint=True)")
+            if v is not None:
+                release(v, dev)
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     else:  # all resident; rounds interleave the variants so that contention hits them alike
         done = [build(key) for key in keys]
         for v in done:
@@ -535,8 +544,9 @@ def main():
         mem = "n/a" if v.peak_bytes is None else f"{v.peak_bytes / 2**20:.0f}"
         mfu = f"{100 * v.flops_per_token * tps / (peak * 1e12):.1f}%" if peak else "-"
         cpu_ms = f"{1e3 * stats['median CPU time'][v.key]:>9.1f}" if cpu_col else ""
+        first = "-" if v.compile_s is None else f"{v.compile_s:.1f}"
         print(f"{v.label:<36}{1e3 * median[v.key]:>9.1f}{1e3 * min(v.times):>9.1f}{cpu_ms}{tps:>10.0f}{mem:>10}"
-              f"{mfu:>7}{v.compile_s:>11.1f}")
+              f"{mfu:>7}{first:>11}")
     print("ms/step, tokens/s and MFU from the median wall time per step" +
           ("; CPU ms = median CPU time of this process per step (all threads)" if cpu_col else ""))
     for name, t in stats.items():

@@ -61,9 +61,9 @@ DEFAULTS = dict(
     student_config=None,          # kd/scratch: dict of Qwen2Config fields; None = the LRC student's exported shape
     # batch and length of training
     seq_len=128,                  # tokens predicted per sequence
-    tokens_per_step=4096,         # tokens per optimizer step, all ranks and micro-steps together
+    tokens_per_step=2048,         # tokens per optimizer step, all ranks and micro-steps together
     micro_batch_size=16,          # sequences per forward pass per rank; grad_accum is derived
-    max_steps=200,                # optimizer steps of the schedule (setting max_tokens clears it)
+    max_steps=120,                # optimizer steps of the schedule (setting max_tokens clears it)
     max_tokens=None,              # alternative: steps = ceil(max_tokens / tokens_per_step) (clears max_steps)
     stop_step=None,               # end this invocation after this step, schedule unchanged (cluster time limits)
     # optimizer and schedule
@@ -76,10 +76,10 @@ DEFAULTS = dict(
     weight_decay=0.0,
     grad_clip=1.0,                # max global gradient norm; 0 = off
     # logging, evaluation, checkpoints
-    log_interval=25,              # steps between log lines (the only host syncs of the loop)
+    log_interval=10,              # steps between log lines (the only host syncs of the loop)
     eval_interval=0,              # steps between val evaluations; 0 = at the end only
     eval_tokens=65536,            # val tokens per evaluation (0 = no evaluation)
-    save_interval=100,            # steps between checkpoints; 0 = at the end only
+    save_interval=60,             # steps between checkpoints; 0 = at the end only
     keep_last=2,                  # checkpoints kept in out_dir
     resume=False,                 # continue from out_dir's latest checkpoint (also: --resume)
     overwrite=True,               # a fresh run in an out_dir with checkpoints deletes them (False: refuse)
@@ -98,7 +98,7 @@ DEFAULTS = dict(
     toy_teacher_heads=4,
     toy_teacher_kv_heads=2,
     toy_teacher_ffn=384,
-    toy_teacher_steps=300,
+    toy_teacher_steps=200,
     toy_teacher_lr=3e-3,
 )
 # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
@@ -305,14 +305,20 @@ def check_token_range(tokens, vocab_size, path, rank, world_size, device):
                        f"prepare the data with the teacher's tokenizer (data/prepare.py --tokenizer=TEACHER)")
 
 
-def open_data(cfg, vocab_size, teacher_dir, log):
-    """(train memmap, val memmap or None, meta). Checks the vocabulary and the tokenizer hash."""
-    from data.prepare import open_tokens, read_meta, tokenizer_sha256
-    data = cfg["data"]
+def read_data_meta(data):
+    """meta.json of the token directory: checked before the (possibly large) teacher is loaded."""
+    from data.prepare import read_meta
     if not os.path.isdir(data):
         raise LRCError(f"data directory {data!r} does not exist: prepare token files with data/prepare.py "
                        f"(or use --data=toy)")
-    meta = read_meta(data)
+    return read_meta(data)
+
+
+def open_data(cfg, vocab_size, teacher_dir, log):
+    """(train memmap, val memmap or None, meta). Checks the vocabulary and the tokenizer hash."""
+    from data.prepare import open_tokens, tokenizer_sha256
+    data = cfg["data"]
+    meta = read_data_meta(data)
     if teacher_dir is not None and os.path.isfile(os.path.join(teacher_dir, "tokenizer.json")):
         expected = tokenizer_sha256(teacher_dir)
         if meta["tokenizer_sha256"] != expected:
@@ -690,6 +696,7 @@ def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
     cfg_data_was_toy = cfg["data"] == "toy"
     teacher_path, data_dir, toy = prepare_toy(cfg, rank, log)
     cfg = dict(cfg, data=data_dir)
+    read_data_meta(data_dir)
     if method in ("lrc", "kd") and teacher_path is None:
         raise LRCError(f"method={method} needs a teacher: pass --teacher=DIR or a hub id")
 

@@ -1,8 +1,9 @@
 """
 LRC against KD and training from scratch, at equal tokens, in the toy world (issue 6). One command:
 
-    python data/toy_compare.py [--out=out/compare] [--seeds=3] [--lrs=LR,LR,...] [--threads=N]
-        [--plot=PNG] [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...train.py keys]
+    python data/toy_compare.py [--out=out/compare] [--seeds=3] [--threads=N] [--plot=PNG]
+        [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...] [--kd.key=value ...]
+        [--sweep.key=V1,V2,... ...]
 
 1. builds (or reuses) the toy world in OUT/data (data/toy.py: general text plus synthetic facts, half of
    them in the students' text too, half in the teacher's text only), and trains the toy teacher once
@@ -14,19 +15,21 @@ LRC against KD and training from scratch, at equal tokens, in the toy world (iss
 3. evaluates the teacher and every student with eval_tiny: perplexity on val.txt (spec section 8) and
    multiple-choice recall of the facts the students saw (facts_seen.jsonl) and of the teacher-only
    facts (facts_unseen.jsonl); chance is 25%;
-4. prints one table (mean +- std over seeds), the training tokens each method needed to reach the KD
-   student's final validation loss, writes OUT/results.json and a PNG of validation loss against
+4. prints one table (mean +- std over seeds) with the training tokens each method needed to reach the
+   KD student's final validation loss, writes OUT/results.json and a PNG of validation loss against
    training tokens (if matplotlib is installed; without it the table still prints).
 
-The student settings (shared by all three methods) are config/toy_compare.py; any train.py key given
-here (--max_steps=200, --student_hidden=32, a config file) overrides them for every student alike.
-Learning rate, the same rule for every method: --lr=X gives all three the same rate; --lrs=A,B,C runs
-each method at each rate on the first seed, keeps the rate with the lowest final validation loss per
-method, and trains the other seeds with it (equal tuning effort, never LRC alone).
+Settings. config/toy_compare.py holds what all students share (train.py keys); --key=value sets a
+train.py key for every student alike. Learning rate and KL temperature are per method (PER_METHOD
+below), the winners of one sweep with the same grid for every method; --kd.lr=X sets one method's.
+--sweep.lr=1e-3,1e-2 --sweep.tau=1,40 reruns that tuning: on the first seed every method is trained at
+every combination of the swept keys it uses, the lowest final validation loss wins, and the other seeds
+use the winner (equal effort for every method, never LRC alone).
 Finished runs are cached (OUT/runs/*/compare_run.json): rerunning the command with the same settings
 only re-prints the table and redraws the plot. Delete OUT to start over.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -50,7 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "config", "toy_compare.py")
 METHODS = ("lrc", "kd", "scratch")
 # this script's own options (the rest are train.py keys or data/toy.py sizes)
-OPTIONS = {"out": "out/compare", "seeds": "3", "lrs": None, "threads": 0, "plot": None}
+OPTIONS = {"out": "out/compare", "seeds": "3", "threads": "0", "plot": None}
 # train.py keys this script sets itself for each run: overriding them would break the comparison
 RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR",
             "teacher": "the toy teacher is trained here", "data": "the toy world is built here",
@@ -58,14 +61,33 @@ RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR
 # the toy world for the comparison: facts repeated more often than data/toy.py's default (which is tuned
 # for a quick demo), so that the teacher memorises them within its CPU-minutes budget
 TOY_SIZES = dict(DEFAULT_SIZES, n_entities=120, fact_repeats=100, teacher_docs=6000, student_docs=6000)
+# Each method's learning rate and KL temperature: the winners of one equal sweep, the same grid for every
+# method on the first seed at this budget (README: the sweep's numbers), made with
+#     python data/toy_compare.py --seeds=1 --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
+# KD's best tau is 1; LRC's is the spec's 40. A --key=value on the command line replaces these for all
+# methods; --kd.tau=4 replaces one method's.
+PER_METHOD = {"lrc": {"lr": 1e-2, "tau": 40.0}, "kd": {"lr": 3e-3, "tau": 1.0}, "scratch": {"lr": 3e-3}}
+# keys a method never reads (not swept for it): scratch has no KL term, only LRC has projections and L_clone
+UNUSED = {"lrc": set(), "kd": {"alpha", "init_std"}, "scratch": {"tau", "alpha", "init_std"}}
 
 
 def parse_args(argv):
-    """(options dict, toy sizes dict, train config dict). Unknown keys get a one-line LRCError."""
+    """(options, toy sizes, train config, per-method settings, sweep grid). Bad input: a one-line LRCError."""
     options, sizes, train_args = dict(OPTIONS), dict(TOY_SIZES), [PRESET]
+    overrides, sweep, shared = {m: {} for m in METHODS}, {}, set()
     for arg in argv:
         key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key in OPTIONS or key in DEFAULT_SIZES:
+        prefix, dot, name = key.partition(".")
+        if dot and (prefix in METHODS or prefix == "sweep"):
+            if not eq or not value:
+                raise LRCError(f"{arg!r}: write --{key}=VALUE{',VALUE...' if prefix == 'sweep' else ''}")
+            if name in RESERVED:
+                raise LRCError(f"--{key} cannot be set here ({RESERVED[name]})")
+            if prefix == "sweep":
+                sweep[name] = [_train_value(name, v, arg) for v in value.split(",") if v.strip()]
+            else:
+                overrides[prefix][name] = _train_value(name, value, arg)
+        elif key in OPTIONS or key in DEFAULT_SIZES:
             if not eq:
                 raise LRCError(f"{arg!r}: write options as --{key}=VALUE")
             if key in DEFAULT_SIZES:
@@ -76,6 +98,8 @@ def parse_args(argv):
             raise LRCError(f"--{key} cannot be set here ({RESERVED[key]})")
         else:
             train_args.append(arg)  # a train.py key or config file: train.parse_args checks it
+            if eq:
+                shared.add(key)
     cfg = train.parse_args(train_args)
     seeds = options["seeds"]
     if "," in str(seeds):
@@ -87,23 +111,29 @@ def parse_args(argv):
         options["seeds"] = [cfg["seed"] + i for i in range(n)]
     if len(set(options["seeds"])) != len(options["seeds"]):
         raise LRCError(f"--seeds={seeds} repeats a seed: give distinct seeds")
-    if options["lrs"] is None:
-        options["lrs"] = [cfg["lr"]]
-    else:
-        try:
-            options["lrs"] = [float(x) for x in str(options["lrs"]).split(",") if x.strip()]
-        except ValueError:
-            raise LRCError(f"--lrs={options['lrs']!r} is not a comma-separated list of numbers (e.g. "
-                           f"--lrs=3e-3,1e-2,3e-2)") from None
-        if not options["lrs"] or min(options["lrs"]) <= 0:
-            raise LRCError(f"--lrs={options['lrs']}: give one or more positive learning rates")
     options["threads"] = _int("threads", options["threads"])
     if cfg["eval_tokens"] < cfg["seq_len"] or cfg["eval_interval"] < 1:
         raise LRCError("the comparison needs validation curves: set --eval_interval >= 1 and --eval_tokens >= "
                        "--seq_len")
     if options["plot"] is None:
         options["plot"] = os.path.join(options["out"], "toy_compare.png")
-    return options, sizes, cfg
+    # each method's own settings: the sweep's winners (PER_METHOD), unless the command line sets the key
+    # for everyone, then --METHOD.key=value
+    settings = {m: {**{k: cfg[k] if k in shared else v for k, v in PER_METHOD[m].items()}, **overrides[m]}
+                for m in METHODS}
+    return options, sizes, cfg, settings, sweep
+
+
+def _train_value(key, text, arg):
+    """A --sweep.KEY / --METHOD.KEY value, parsed and checked as train.py parses --KEY=text."""
+    import ast
+    if key not in train.DEFAULTS:
+        train.check_value(key, None, arg)  # raises: unknown key, with close matches
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = text.strip()
+    return train.check_value(key, value, arg)
 
 
 def _int(key, value):
@@ -161,8 +191,10 @@ def quiet_train(run_cfg, log_path):
 # -----------------------------------------------------------------------------
 # the students
 
-def run_name(method, seed, lr):
-    return f"{method}_seed{seed}_lr{lr:g}"
+def run_name(method, seed, settings):
+    """kd_seed1337_lr0.003_tau1: the method, seed and the method's own settings."""
+    parts = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(settings.items())]
+    return "_".join([method, f"seed{seed}"] + parts).replace("/", "-").replace(" ", "")
 
 
 def read_curve(run_dir, tokens_per_step):
@@ -177,11 +209,11 @@ def read_curve(run_dir, tokens_per_step):
     return curve
 
 
-def train_student(cfg, method, seed, lr, teacher_dir, paths, out, say):
+def train_student(cfg, method, seed, settings, teacher_dir, paths, out, say=lambda msg: None):
     """Train (or reuse) one student; returns its record (config, curve, training time)."""
-    run_dir = os.path.join(out, "runs", run_name(method, seed, lr))
+    run_dir = os.path.join(out, "runs", run_name(method, seed, settings))
     # scratch gets the teacher too, for the student's shape only: train.py never reads its weights then
-    run = dict(cfg, method=method, seed=seed, lr=lr, teacher=teacher_dir, data=paths["student_tokens"],
+    run = dict(cfg, **settings, method=method, seed=seed, teacher=teacher_dir, data=paths["student_tokens"],
                out_dir=run_dir, resume=False, overwrite=True, stop_step=None, save_interval=0, keep_last=1,
                wandb_project=None)
     # what makes a finished run reusable: the same settings, teacher weights and toy world
@@ -196,12 +228,13 @@ def train_student(cfg, method, seed, lr, teacher_dir, paths, out, say):
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(marker):
         os.remove(marker)
+    say(f"  {method:<7} seed {seed} {describe(settings)}: training (log: {os.path.join(run_dir, 'train.log')})")
     cpu = time.process_time()
     summary = quiet_train(run, os.path.join(run_dir, "train.log"))
     curve = read_curve(run_dir, cfg["tokens_per_step"])
     if not curve:
         raise LRCError(f"{run_dir}/metrics.jsonl has no validation rows: is --eval_tokens > 0?")
-    record = {"method": method, "seed": seed, "lr": lr, "run_dir": run_dir, "identity": identity,
+    record = {"method": method, "seed": seed, "settings": settings, "run_dir": run_dir, "identity": identity,
               "tokens": summary["tokens_seen"], "train_s": summary["wall_s"], "train_cpu_s": time.process_time() - cpu,
               "trainable_params": summary["trainable_params"], "curve": curve, "final_val_loss": curve[-1][1]}
     write_json(marker, record)
@@ -283,8 +316,7 @@ def summarize(records, teacher_eval):
                         "unseen_acc": [r["eval"]["facts_unseen"]["acc"] for r in mine],
                         "final_val_loss": [r["final_val_loss"] for r in mine],
                         "tokens_to_kd": [r["tokens_to_kd"] for r in mine],
-                        "train_s": [r["train_s"] for r in mine],
-                        "lr": [r["lr"] for r in mine]}
+                        "train_s": [r["train_s"] for r in mine]}
     return {name: {metric: {"values": values, "mean": mean_std(values)[0], "std": mean_std(values)[1]}
                    for metric, values in row.items()} for name, row in rows.items()}
 
@@ -313,7 +345,7 @@ def fmt(stat, kind):
     return f"{mean:.3f}" + (f" ± {std:.3f}" if len(values) > 1 else "")
 
 
-def table(summary, n_seeds, teacher_tokens, budget):
+def table(summary, n_seeds, teacher_tokens, budget, bound=False):
     header = ["model", "val ppl", "seen facts acc", "teacher-only facts acc", "tokens to KD's final val loss",
               "train s/run"]
     rows = [["teacher", fmt(summary["teacher"]["val_ppl"], "f"), fmt(summary["teacher"]["seen_acc"], "pct"),
@@ -328,6 +360,9 @@ def table(summary, n_seeds, teacher_tokens, budget):
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     out.append(f"students: {count(budget)} training tokens each; mean ± std over {n_seeds} seed(s); "
                f"chance on the facts is 25%; val ppl on val.txt (spec section 8)")
+    if bound:
+        out.append("tokens to KD's final val loss: some runs were already there at their first evaluation, "
+                   "so those counts are upper bounds (a smaller --eval_interval resolves them)")
     return "\n".join(out)
 
 
@@ -368,12 +403,16 @@ def plot(records, summary, teacher_eval, path, title):
 
 # -----------------------------------------------------------------------------
 
+def describe(settings):
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(settings.items()))
+
+
 def compare(argv):
     t_start, cpu_start = time.time(), time.process_time()
-    options, sizes, cfg = parse_args(argv)
+    options, sizes, cfg, settings, sweep = parse_args(argv)
     if options["threads"] > 0:
         torch.set_num_threads(options["threads"])
-    out, seeds, lrs = options["out"], options["seeds"], options["lrs"]
+    out, seeds = options["out"], options["seeds"]
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     os.makedirs(out, exist_ok=True)
 
@@ -385,54 +424,56 @@ def compare(argv):
     n_steps = cfg["max_steps"] if cfg["max_steps"] is not None else math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
     budget = n_steps * cfg["tokens_per_step"]
     say(f"students: hidden {cfg['student_hidden']}, {n_steps} steps x {cfg['tokens_per_step']:,} tokens = "
-        f"{budget:,} tokens each, validation every {cfg['eval_interval']} steps; seeds {seeds}; "
-        f"lr {'sweep ' if len(lrs) > 1 else ''}{', '.join(f'{lr:g}' for lr in lrs)}")
+        f"{budget:,} tokens each, validation every {cfg['eval_interval']} steps; seeds {seeds}")
 
-    def student(method, seed, lr):
-        record = train_student(cfg, method, seed, lr, teacher_dir, paths, out, say)
-        say(f"  {method:<7} seed {seed} lr {lr:g}: val loss {record['final_val_loss']:.4f} after "
+    def student(method, seed, mine):
+        record = train_student(cfg, method, seed, mine, teacher_dir, paths, out, say)
+        say(f"  {method:<7} seed {seed} {describe(mine)}: val loss {record['final_val_loss']:.4f} after "
             f"{record['tokens']:,} tokens ({record['train_s']:.0f} s)")
         return record
 
-    # learning rate: one rule for every method (see the docstring)
-    chosen, sweep = {}, []
+    # the same tuning for every method: each method's grid is the product of the swept values of the keys
+    # it uses; the lowest final validation loss on the first seed wins (its run is that seed's result)
+    sweep_rows = []
     for method in METHODS:
-        if len(lrs) == 1:
-            chosen[method] = lrs[0]
+        keys = [k for k in sweep if k not in UNUSED[method]]
+        if not keys:
             continue
-        tried = [student(method, seeds[0], lr) for lr in lrs]
-        sweep += [{"method": method, "lr": r["lr"], "seed": r["seed"], "final_val_loss": r["final_val_loss"]}
-                  for r in tried]
-        chosen[method] = min(tried, key=lambda r: r["final_val_loss"])["lr"]
-    if len(lrs) > 1:
-        say("lr sweep on seed {}: ".format(seeds[0]) + "; ".join(
-            f"{m} " + ", ".join(f"{s['lr']:g}->{s['final_val_loss']:.3f}" for s in sweep if s["method"] == m)
-            + f" (chosen {chosen[m]:g})" for m in METHODS))
-    records = [student(method, seed, chosen[method]) for seed in seeds for method in METHODS]
+        say(f"sweep {method} on seed {seeds[0]}: " + ", ".join(f"{k} in {sweep[k]}" for k in keys))
+        tried = [student(method, seeds[0], dict(settings[method], **dict(zip(keys, values))))
+                 for values in itertools.product(*(sweep[k] for k in keys))]
+        sweep_rows += [{"method": method, "seed": seeds[0], "settings": r["settings"],
+                        "final_val_loss": r["final_val_loss"]} for r in tried]
+        settings[method] = min(tried, key=lambda r: r["final_val_loss"])["settings"]
+    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in METHODS)
+        + (" (sweep winners)" if sweep else ""))
+    records = [student(method, seed, settings[method]) for seed in seeds for method in METHODS]
 
     say("evaluating (eval_tiny: perplexity on val.txt, multiple choice on the facts)")
     evaluate = Evaluator(cfg, paths, teacher_dir)
     teacher_eval = evaluate(teacher_dir, curve_loss=True)
     for record in records:
-        marker = os.path.join(record["run_dir"], "compare_run.json")
         if "eval" not in record:
             record["eval"] = evaluate(record["run_dir"])
-            write_json(marker, record)
+            write_json(os.path.join(record["run_dir"], "compare_run.json"), record)
     for seed in seeds:  # the target of each seed is that seed's KD student's final validation loss
         target = next(r["final_val_loss"] for r in records if r["method"] == "kd" and r["seed"] == seed)
         for r in records:
             if r["seed"] == seed:
                 r["tokens_to_kd"] = tokens_to_reach(r["curve"], target)
+                # reached at the first evaluation: the count is an upper bound
+                r["tokens_to_kd_bound"] = r["tokens_to_kd"] is not None and r["tokens_to_kd"] == r["curve"][0][0]
 
     summary = summarize(records, teacher_eval)
     with open(os.path.join(teacher_dir, "config.json")) as f:
-        teacher_tokens = json.load(f)["lrc_toy_teacher"]
-    teacher_tokens = teacher_tokens["steps"] * teacher_tokens["tokens_per_step"]
-    text = table(summary, len(seeds), teacher_tokens, budget)
+        recipe = json.load(f)["lrc_toy_teacher"]
+    teacher_tokens = recipe["steps"] * recipe["tokens_per_step"]
+    text = table(summary, len(seeds), teacher_tokens, budget, any(r["tokens_to_kd_bound"] for r in records))
     say("")
     say(text)
+    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in METHODS))
     lrc_tokens, kd_tokens = summary["lrc"]["tokens_to_kd"]["mean"], summary["kd"]["tokens_to_kd"]["mean"]
-    if lrc_tokens and kd_tokens:
+    if lrc_tokens and kd_tokens and summary["lrc"]["tokens_to_kd"]["values"].count(None) == 0:
         say(f"LRC reaches the KD student's final validation loss after {lrc_tokens / kd_tokens:.0%} of KD's "
             f"tokens ({kd_tokens / lrc_tokens:.1f}x fewer)")
     title = (f"toy world: students of hidden {cfg['student_hidden']}, teacher hidden "
@@ -441,8 +482,8 @@ def compare(argv):
     say(f"plot: {png}" if png else "plot: skipped, matplotlib is not installed (pip install matplotlib); the "
                                    "table above and results.json hold every number")
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
-    results = {"command": "python data/toy_compare.py " + " ".join(argv), "seeds": seeds, "lrs": lrs,
-               "chosen_lr": chosen, "lr_sweep": sweep, "toy_sizes": sizes, "student_config": cfg,
+    results = {"command": "python data/toy_compare.py " + " ".join(argv), "seeds": seeds, "settings": settings,
+               "sweep": sweep, "sweep_runs": sweep_rows, "toy_sizes": sizes, "student_config": cfg,
                "budget_tokens": budget, "teacher": {"dir": teacher_dir, "train_tokens": teacher_tokens, **teacher_eval},
                "runs": records, "summary": summary, "table": text, "plot": png, "wall_s": wall, "cpu_s": cpu,
                "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}

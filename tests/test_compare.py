@@ -12,7 +12,7 @@ import eval_tiny
 import train
 from data import toy_compare
 
-TINY = ["--seeds=2", "--lrs=1e-2,3e-2", "--threads=1",
+TINY = ["--seeds=2", "--sweep.lr=1e-2,3e-2", "--sweep.tau=1,40", "--threads=1",
         # toy world and teacher
         "--n_entities=8", "--fact_repeats=2", "--teacher_docs=60", "--student_docs=60", "--val_docs=12",
         "--vocab_size=300", "--toy_teacher_hidden=32", "--toy_teacher_layers=1", "--toy_teacher_ffn=64",
@@ -48,18 +48,22 @@ def test_the_command_runs_every_method_on_equal_terms(compared):
         (m, s) for m in ("lrc", "kd", "scratch") for s in (1337, 1338))
     for seed in (1337, 1338):
         configs = [dict(r["identity"]["config"]) for r in runs if r["seed"] == seed]
-        for c in configs:  # everything but the method, its out_dir and its chosen lr is the same
-            for key in ("method", "out_dir", "lr"):
+        for c in configs:  # everything but the method, its out_dir and its own settings is the same
+            for key in ("method", "out_dir", "lr", "tau"):
                 c.pop(key)
         assert configs[0] == configs[1] == configs[2]
         assert {r["curve"][-1][0] for r in runs if r["seed"] == seed} == {4 * 128}  # same token budget
         assert len({tuple(t for t, _ in r["curve"]) for r in runs}) == 1            # same evaluation points
-    # the lr rule: each method's sweep on the first seed picks its own lowest final val loss
+    # the tuning rule, the same for every method: each one's grid on the first seed (tau only where there
+    # is a KL term), its lowest final val loss wins, and every seed uses the winner
+    grid = {"lrc": 4, "kd": 4, "scratch": 2}
     for method in ("lrc", "kd", "scratch"):
-        tried = [s for s in results["lr_sweep"] if s["method"] == method]
-        assert sorted(s["lr"] for s in tried) == [1e-2, 3e-2]
-        assert results["chosen_lr"][method] == min(tried, key=lambda s: s["final_val_loss"])["lr"]
-        assert all(r["lr"] == results["chosen_lr"][method] for r in runs if r["method"] == method)
+        tried = [s for s in results["sweep_runs"] if s["method"] == method]
+        assert len(tried) == grid[method] and all(s["seed"] == 1337 for s in tried)
+        assert sorted({s["settings"]["lr"] for s in tried}) == [1e-2, 3e-2]
+        best = min(tried, key=lambda s: s["final_val_loss"])["settings"]
+        assert results["settings"][method] == best
+        assert all(r["settings"] == best for r in runs if r["method"] == method)
     # KD reaches its own final loss within the budget, by definition of the target
     assert all(r["tokens_to_kd"] is not None and r["tokens_to_kd"] <= 4 * 128 for r in runs if r["method"] == "kd")
     for r in runs + [{"eval": results["teacher"]}]:
@@ -99,7 +103,8 @@ def test_finished_runs_are_reused(compared, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("arg, words", [("--method=kd", "all three methods"), ("--out_dir=x", "--out=DIR"),
-                                        ("--seeds=0", "at least one seed"), ("--lrs=fast", "comma-separated"),
+                                        ("--seeds=0", "at least one seed"), ("--sweep.lr=fast", "is not float"),
+                                        ("--kd.method=lrc", "all three methods"), ("--sweep.lrr=1", "did you mean"),
                                         ("--eval_interval=0", "validation curves"), ("--n_entities=many", "integer"),
                                         ("--no_such_key=1", "unknown config key")])
 def test_bad_arguments_are_one_line_errors(arg, words, capsys, tmp_path):
@@ -114,3 +119,11 @@ def test_plot_with_matplotlib(compared, tmp_path):
     png = toy_compare.plot(results["runs"], results["summary"], results["teacher"], str(tmp_path / "p.png"), "t")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_method_settings_and_overrides():
+    _, _, cfg, settings, sweep = toy_compare.parse_args([])
+    assert settings == toy_compare.PER_METHOD and sweep == {}
+    _, _, cfg, settings, _ = toy_compare.parse_args(["--lr=0.005", "--kd.tau=4", "--max_steps=7"])
+    assert cfg["max_steps"] == 7 and all(settings[m]["lr"] == 0.005 for m in settings)  # for everyone
+    assert settings["kd"]["tau"] == 4.0 and settings["lrc"]["tau"] == toy_compare.PER_METHOD["lrc"]["tau"]

@@ -261,13 +261,17 @@ def test_qwen25_3b_shape_matches_the_published_model():
 
 def test_bench_runs_the_toy_shape(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench.py", "--shape=toy", "--compile=False", "--steps=1", "--warmup=1",
-                                     "--rounds=1", "--checkpoint=True", "--batch_size=2", "--seq_len=16"])
+                                     "--rounds=1", "--checkpoint=True", "--batch_size=2", "--seq_len=16",
+                                     "--vocab_size=128", "--hidden_size=32", "--intermediate_size=64",
+                                     "--num_layers=1", "--student_hidden=16", "--threads=1"])
     # main() writes the parsed options into bench's module globals (nanoGPT style): restore them after
     saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    threads = torch.get_num_threads()
     try:
         bench.main()
     finally:
         vars(bench).update(saved)
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     for label in ("(a) teacher forward", "(b) plain student", "(c) LRC train step", "(d) reference-style",
                   "checkpoint_layers", "floor ratio c/(a+b) =", "c/d ="):
