@@ -89,7 +89,7 @@ DEFAULTS = dict(
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
     activation_checkpointing=False,  # lrc only: recompute each student layer in backward (less memory, ~1 more forward)
-    strict_tokenizer=False,       # data tokenized with another tokenizer.json than the teacher's: False warns, True refuses
+    strict_tokenizer=False,       # data made with another tokenizer.json than the teacher's: False warns, True refuses
     wandb_project=None,           # log to Weights & Biases (only if wandb is installed)
     wandb_run_name=None,
     # the toy teacher (teacher='toy'): a tiny Qwen2 trained from scratch by this script (method=scratch)
@@ -183,7 +183,8 @@ def parse_args(argv):
         elif arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                raise LRCError(f"{arg!r}: write options as --key=value (e.g. --max_steps=100); --resume alone is a flag")
+                raise LRCError(f"{arg!r}: write options as --key=value (e.g. --max_steps=100); "
+                               f"--resume alone is a flag")
             if key not in DEFAULTS:
                 check_value(key, None, "the command line")  # raises, with close matches
             try:
@@ -366,7 +367,8 @@ def exported_shape(teacher_config: Qwen2Config, cfg) -> Qwen2Config:
         except TypeError as e:
             raise LRCError(f"student_config is not a valid Qwen2Config ({e}): use Qwen2Config field names") from None
     if teacher_config is None:
-        raise LRCError("method=scratch without a teacher needs student_config=dict(vocab_size=..., hidden_size=..., ...)")
+        raise LRCError("method=scratch without a teacher needs a shape: "
+                       "student_config=dict(vocab_size=..., hidden_size=..., ...)")
     if not 1 <= cfg["student_hidden"] <= teacher_config.hidden_size:
         raise LRCError(f"student_hidden={cfg['student_hidden']} must be between 1 and the teacher's hidden_size "
                        f"{teacher_config.hidden_size}: pick a smaller student_hidden")
@@ -522,7 +524,8 @@ def read_checkpoint(path):
         raise LRCError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}): delete it to resume "
                        f"from the one before") from None
     except Exception as e:  # safetensors' own error type
-        raise LRCError(f"checkpoint {path} is unreadable ({type(e).__name__}): delete it to resume from the one before") from None
+        raise LRCError(f"checkpoint {path} is unreadable ({type(e).__name__}): delete it to resume from the one "
+                       f"before") from None
     return state, tensors[0], tensors[1]
 
 
@@ -539,7 +542,8 @@ def check_resumable(state, path, cfg, teacher_config, student_config, fingerprin
         raise LRCError(f"cannot resume {path}: it was made with {detail}: {hint}")
 
     if state.get("method") != cfg["method"]:
-        refuse(f"method={state.get('method')!r}, this run has {cfg['method']!r}", f"pass --method={state.get('method')}")
+        refuse(f"method={state.get('method')!r}, this run has {cfg['method']!r}",
+               f"pass --method={state.get('method')}")
     if cfg["method"] == "lrc":
         for key in ("student_hidden", "tie_proj"):
             if state.get(key) != cfg[key]:
@@ -679,7 +683,9 @@ def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
                        f"change tokens_per_step or micro_batch_size")
     if cfg["max_steps"] is None and cfg["max_tokens"] is None:
         raise LRCError("set max_steps or max_tokens")
-    max_steps = cfg["max_steps"] if cfg["max_steps"] is not None else math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
+    max_steps = cfg["max_steps"]
+    if max_steps is None:
+        max_steps = math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
     if max_steps < 1:
         raise LRCError(f"the run has {max_steps} steps: raise max_steps or max_tokens")
     if cfg["keep_last"] < 1:
@@ -816,7 +822,7 @@ def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
         check_finite()
         if master:
             state = {"step": step_now, "tokens_seen": tokens_seen, "method": method, "teacher": teacher_path,
-                     "teacher_config": teacher_config.to_dict() if teacher_config is not None and method != "scratch" else None,
+                     "teacher_config": teacher_config.to_dict() if method != "scratch" else None,
                      "teacher_fingerprint": fingerprint, "student_config": student_config.to_dict(),
                      "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"],
                      "max_steps": max_steps, "config": dict(cfg, resume=False),

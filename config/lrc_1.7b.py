@@ -1,11 +1,12 @@
 # LRC-1.7B: the released recipe (spec section 4; the LRC-1.7B-Base model card).
 #   torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py --data=DIR
 # DIR: token files made with the teacher's tokenizer, e.g.
-#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input=fineweb_edu/*.jsonl --out=DIR --val_fraction=0.0005
+#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input=fineweb_edu/*.jsonl --out=DIR \
+#       --val_fraction=0.0005
 out_dir = "out/lrc_1.7b"
 method = "lrc"
 teacher = "Qwen/Qwen2.5-3B-Instruct"     # 36 layers, hidden 2048, tied embeddings
-data = "data/tokens_qwen2.5"             # override with --data=DIR
+data = "tokens/qwen2.5"                  # made by data/prepare.py; or --data=DIR
 student_hidden = 1200
 tie_proj = True                          # tied teacher + tie_proj: a tied student, like the release
 alpha = 0.5

@@ -5,7 +5,7 @@
 out_dir = "out/lrc_4b"
 method = "lrc"
 teacher = "Qwen/Qwen2.5-7B-Instruct"     # 28 layers, hidden 3584, untied embeddings
-data = "data/tokens_qwen2.5"             # override with --data=DIR
+data = "tokens/qwen2.5"                  # made by data/prepare.py; or --data=DIR
 student_hidden = 2048
 tie_proj = False                         # separate P_emb and P_lm: an untied student, like the release
 alpha = 0.5

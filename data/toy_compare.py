@@ -62,8 +62,8 @@ RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR
 # for a quick demo), so that the teacher memorises them within its CPU-minutes budget
 TOY_SIZES = dict(DEFAULT_SIZES, n_entities=120, fact_repeats=100, teacher_docs=6000, student_docs=6000)
 # Each method's learning rate and KL temperature: the winners of one equal sweep, the same grid for every
-# method on the first seed at this budget (README: the sweep's numbers), made with
-#     python data/toy_compare.py --seeds=1 --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
+# method on the first seed at the preset's budget (README: the sweep's numbers), made with
+#     python data/toy_compare.py --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
 # KD's best tau is 1; LRC's is the spec's 40. A --key=value on the command line replaces these for all
 # methods; --kd.tau=4 replaces one method's.
 PER_METHOD = {"lrc": {"lr": 1e-2, "tau": 40.0}, "kd": {"lr": 3e-3, "tau": 1.0}, "scratch": {"lr": 3e-3}}
@@ -421,7 +421,9 @@ def compare(argv):
     say(f"toy world: {paths['root']} ({facts['seen']} seen + {facts['unseen']} teacher-only facts, "
         f"{paths['manifest_data']['n_tokens']['student']['train']:,} student training tokens)")
     teacher_dir = get_teacher(cfg, paths, out, say)
-    n_steps = cfg["max_steps"] if cfg["max_steps"] is not None else math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
+    n_steps = cfg["max_steps"]
+    if n_steps is None:
+        n_steps = math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
     budget = n_steps * cfg["tokens_per_step"]
     say(f"students: hidden {cfg['student_hidden']}, {n_steps} steps x {cfg['tokens_per_step']:,} tokens = "
         f"{budget:,} tokens each, validation every {cfg['eval_interval']} steps; seeds {seeds}")

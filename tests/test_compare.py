@@ -83,8 +83,9 @@ def test_curves_are_what_eval_tiny_measures(compared):
     LRC included (train-time student vs exported Qwen2): the methods are compared on one quantity."""
     out, results = compared
     cfg = dict(results["student_config"])
-    paths = {key: os.path.join(out, "data", name) for key, name in (
-        ("student_tokens", "tokens/student"), ("facts_seen", "facts_seen.jsonl"), ("facts_unseen", "facts_unseen.jsonl"))}
+    paths = {key: os.path.join(out, "data", name) for key, name in (("student_tokens", "tokens/student"),
+                                                                    ("facts_seen", "facts_seen.jsonl"),
+                                                                    ("facts_unseen", "facts_unseen.jsonl"))}
     evaluate = toy_compare.Evaluator(cfg, paths, results["teacher"]["dir"])
     for r in results["runs"]:
         model = eval_tiny.load_any(r["run_dir"], teacher=results["teacher"]["dir"]).model

@@ -338,7 +338,7 @@ def test_cli_bf16_teacher_default_dtype_and_relative_teacher_path(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert os.path.isfile(tmp_path / "student" / "tokenizer.json")
 
-    result = run_cli("convert.py", f"--ckpt={out_dir}", f"--out={tmp_path / 'fp32'}", "--dtype=fp32")
+    result = run_cli("convert.py", f"--ckpt={out_dir}", f"--out={tmp_path / 'fp32'}", "--dtype=fp32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with torch.no_grad():  # fp32 export of a bf16 teacher: merged in float32, equal to the float32 student
         expected = model.student_logits(IDX)
