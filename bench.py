@@ -33,7 +33,6 @@ sum of the CPU allocator's allocations and frees recorded by torch.profiler(prof
 """
 import contextlib
 import gc
-import math
 import os
 import statistics
 import sys

@@ -3,7 +3,6 @@ bounded at a 152k vocabulary, activation checkpointing changes nothing but memor
 host-syncing ops, and bench.py measures what it says. Speed itself is measured by bench.py, never here."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
