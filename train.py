@@ -34,14 +34,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
-import numpy as np
-import torch
-import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a small CPU that is running
+# anything else, spinning threads burn the time slices their partners need: on a 2-core machine with one
+# other busy process, a toy micro-step took 4.2 s with the default and 0.39 s with PASSIVE (1 thread: 0.39 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import lrc
-from lrc import LRCError, Qwen2, Qwen2Config
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import lrc  # noqa: E402
+from lrc import LRCError, Qwen2, Qwen2Config  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Configuration. These defaults are the toy preset: `python train.py` distils a tiny teacher (itself
@@ -63,7 +68,7 @@ DEFAULTS = dict(
     seq_len=128,                  # tokens predicted per sequence
     tokens_per_step=2048,         # tokens per optimizer step, all ranks and micro-steps together
     micro_batch_size=16,          # sequences per forward pass per rank; grad_accum is derived
-    max_steps=120,                # optimizer steps of the schedule (setting max_tokens clears it)
+    max_steps=200,                # optimizer steps of the schedule (setting max_tokens clears it)
     max_tokens=None,              # alternative: steps = ceil(max_tokens / tokens_per_step) (clears max_steps)
     stop_step=None,               # end this invocation after this step, schedule unchanged (cluster time limits)
     # optimizer and schedule
@@ -79,7 +84,7 @@ DEFAULTS = dict(
     log_interval=10,              # steps between log lines (the only host syncs of the loop)
     eval_interval=0,              # steps between val evaluations; 0 = at the end only
     eval_tokens=65536,            # val tokens per evaluation (0 = no evaluation)
-    save_interval=60,             # steps between checkpoints; 0 = at the end only
+    save_interval=100,            # steps between checkpoints; 0 = at the end only
     keep_last=2,                  # checkpoints kept in out_dir
     resume=False,                 # continue from out_dir's latest checkpoint (also: --resume)
     overwrite=True,               # a fresh run in an out_dir with checkpoints deletes them (False: refuse)
@@ -98,7 +103,7 @@ DEFAULTS = dict(
     toy_teacher_heads=4,
     toy_teacher_kv_heads=2,
     toy_teacher_ffn=384,
-    toy_teacher_steps=200,
+    toy_teacher_steps=400,
     toy_teacher_lr=3e-3,
 )
 # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
@@ -569,7 +574,8 @@ def toy_teacher_spec(cfg, vocab_size, eos_id):
     return {"vocab_size": vocab_size, "hidden_size": cfg["toy_teacher_hidden"],
             "intermediate_size": cfg["toy_teacher_ffn"], "num_hidden_layers": cfg["toy_teacher_layers"],
             "num_attention_heads": cfg["toy_teacher_heads"], "num_key_value_heads": cfg["toy_teacher_kv_heads"],
-            "tie_word_embeddings": True, "max_position_embeddings": 4 * cfg["seq_len"], "rope_theta": 10000.0,
+            # the context it is trained at: readers (eval_tiny) take it as the longest context to evaluate
+            "tie_word_embeddings": True, "max_position_embeddings": cfg["seq_len"], "rope_theta": 10000.0,
             "eos_token_id": eos_id, "bos_token_id": eos_id}
 
 
@@ -606,7 +612,8 @@ def prepare_toy(cfg, rank, log):
             run = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
                        out_dir=os.path.join(cfg["out_dir"], "teacher_run"), max_steps=recipe["steps"], max_tokens=None,
                        stop_step=None, lr=recipe["lr"], min_lr=0.0, resume=False, overwrite=True, save_interval=0,
-                       keep_last=1, wandb_project=None, eval_interval=0)
+                       keep_last=1, wandb_project=None, eval_interval=0,
+                       log_interval=max(cfg["log_interval"], recipe["steps"] // 8))  # a shorter log before the main run
             summary = train(run, _prefix="[teacher] ")
             if rank == 0:
                 _, weights, _ = read_checkpoint(summary["checkpoint"])
@@ -620,7 +627,7 @@ def prepare_toy(cfg, rank, log):
                     src = os.path.join(os.path.dirname(paths["tokenizer"]), name)
                     if os.path.isfile(src):
                         shutil.copy(src, os.path.join(teacher, name))
-                log(f"toy teacher: saved to {teacher}")
+                log(f"toy teacher: saved to {teacher} (built in {summary['wall_s']:.0f} s)")
             barrier()
     return teacher, data, paths
 
@@ -656,7 +663,6 @@ def evaluate(model, val_tokens, cfg, rank, world_size, device, autocast):
 def train(cfg=None, _prefix=""):
     """Run one training job; cfg is a dict of overrides of DEFAULTS. Returns a summary dict."""
     cfg = make_config(cfg)
-    t_start = time.time()
     rank, local_rank, world_size, device, created_group = setup_distributed(cfg)
     master = rank == 0
 
@@ -665,14 +671,14 @@ def train(cfg=None, _prefix=""):
             print(_prefix + msg, flush=True)
 
     try:
-        return _train(cfg, rank, world_size, device, master, log, t_start, _prefix)
+        return _train(cfg, rank, world_size, device, master, log, _prefix)
     finally:
         if created_group:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
+def _train(cfg, rank, world_size, device, master, log, prefix):
     method, out_dir = cfg["method"], cfg["out_dir"]
     # the batch: tokens_per_step = seq_len * micro_batch_size * world_size * grad_accum, exactly
     per_micro = cfg["seq_len"] * cfg["micro_batch_size"] * world_size
@@ -701,6 +707,7 @@ def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
 
     cfg_data_was_toy = cfg["data"] == "toy"
     teacher_path, data_dir, toy = prepare_toy(cfg, rank, log)
+    t_start = time.time()  # the run's own time: building the toy world is reported by prepare_toy
     cfg = dict(cfg, data=data_dir)
     read_data_meta(data_dir)
     if method in ("lrc", "kd") and teacher_path is None:
@@ -915,7 +922,7 @@ def _train(cfg, rank, world_size, device, master, log, t_start, prefix):
     summary = {"method": method, "out_dir": out_dir, "checkpoint": saved, "step": step, "max_steps": max_steps,
                "tokens_seen": tokens_seen, "first": first, "last": last, "val": val, "wall_s": wall,
                "teacher": teacher_path, "data": data_dir, "trainable_params": n_trainable,
-               "val_text": (toy or {}).get("val_text") if cfg_data_was_toy else None}
+               "toy": toy if cfg_data_was_toy else None}
     if not prefix:
         print_summary(summary, log)
     return summary
@@ -934,10 +941,18 @@ def print_summary(s, log):
     log(f"checkpoint: {s['checkpoint']}")
     if s["step"] < s["max_steps"]:
         log(f"continue:   python train.py <same arguments> --resume")
+    student_hf = os.path.join(s["out_dir"], "student_hf")
     log("next:")
-    log(f"  python convert.py --ckpt={s['out_dir']} --out={os.path.join(s['out_dir'], 'student_hf')}")
+    log(f"  python convert.py --ckpt={s['out_dir']} --out={student_hf}")
     models = f"--model={s['teacher']} " if s["teacher"] else ""
-    log(f"  python eval_tiny.py {models}--model={s['out_dir']} --data={s['val_text'] or 'VAL_TEXT_FILE'}")
+    if s["toy"]:  # the toy world's val documents are separated by blank lines; its facts make two MC tasks
+        toy = {k: v if os.path.relpath(v).startswith("..") else os.path.relpath(v)  # short where it is clearer
+               for k, v in s["toy"].items() if isinstance(v, str)}
+        data = (f"--data={toy['val_text']} --txt_split=paragraph --mc={toy['facts_seen']} "
+                f"--mc={toy['facts_unseen']} --prompt='The home city of'")
+    else:
+        data = "--data=VAL_TEXT_FILE"
+    log(f"  python eval_tiny.py {models}--model={student_hf} {data}")
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 # Preset for data/toy_compare.py (issue 6): what every student (lrc, kd, scratch) shares, and the toy teacher.
 # Plain train.py keys, so `python train.py config/toy_compare.py --method=kd` runs one of the students alone
-# (on data/toy.py's default toy world; toy_compare.py builds its own, with more fact repetitions).
+# (on data/toy.py's default toy world, the same world toy_compare.py builds).
 # Sized so that the whole comparison (teacher + 3 methods x 3 seeds + evaluation) takes about 15 CPU-minutes on
 # one core (less wall time on two).
 

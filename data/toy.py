@@ -3,7 +3,7 @@ The toy world: a small, deterministic, offline corpus on which a tiny Qwen2 teac
 2-4 layers) learns something measurable in CPU-minutes, with synthetic facts to test what a student
 inherits from the teacher beyond its own training text (issue 6).
 
-    python data/toy.py --out=DIR [--seed=1337] [--n_entities=120] [--fact_repeats=20] ...
+    python data/toy.py --out=DIR [--seed=1337] [--n_entities=120] [--fact_repeats=100] ...
 
 build_toy(out_dir, seed=1337, **sizes) writes, in out_dir:
   teacher.txt        general text part A + every fact (seen and unseen), documents shuffled
@@ -36,9 +36,10 @@ TOY_VERSION = 1  # bump when the generator changes: cached builds of another ver
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SIZES = {
     "n_entities": 120,      # made-up people, one fact each; half seen by the student, half not
-    "fact_repeats": 20,     # mentions of each fact per training text, cycling through the 10 paraphrases
-    "teacher_docs": 14000,  # general documents in teacher.txt
-    "student_docs": 14000,  # general documents in student.txt (disjoint from the teacher's)
+    "fact_repeats": 100,    # mentions of each fact per training text, cycling through the 10 paraphrases:
+                            # enough that the toy teacher (400 steps) learns most facts
+    "teacher_docs": 6000,   # general documents in teacher.txt
+    "student_docs": 6000,   # general documents in student.txt (disjoint from the teacher's)
     "val_docs": 600,        # general documents in val.txt (disjoint from both)
     "vocab_size": 1024,     # BPE vocabulary, at most (the trainer stops when no pair repeats)
 }

@@ -58,9 +58,6 @@ OPTIONS = {"out": "out/compare", "seeds": "3", "threads": "0", "plot": None}
 RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR",
             "teacher": "the toy teacher is trained here", "data": "the toy world is built here",
             "resume": "finished runs are reused automatically", "stop_step": "every run goes to max_steps"}
-# the toy world for the comparison: facts repeated more often than data/toy.py's default (which is tuned
-# for a quick demo), so that the teacher memorises them within its CPU-minutes budget
-TOY_SIZES = dict(DEFAULT_SIZES, n_entities=120, fact_repeats=100, teacher_docs=6000, student_docs=6000)
 # Each method's learning rate and KL temperature: the winners of one equal sweep, the same grid for every
 # method on the first seed at the preset's budget (README: the sweep's numbers), made with
 #     python data/toy_compare.py --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
@@ -73,7 +70,7 @@ UNUSED = {"lrc": set(), "kd": {"alpha", "init_std"}, "scratch": {"tau", "alpha",
 
 def parse_args(argv):
     """(options, toy sizes, train config, per-method settings, sweep grid). Bad input: a one-line LRCError."""
-    options, sizes, train_args = dict(OPTIONS), dict(TOY_SIZES), [PRESET]
+    options, sizes, train_args = dict(OPTIONS), dict(DEFAULT_SIZES), [PRESET]
     overrides, sweep, shared = {m: {} for m in METHODS}, {}, set()
     for arg in argv:
         key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")

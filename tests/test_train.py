@@ -386,7 +386,9 @@ def test_toy_path_builds_caches_and_distils(tmp_path, capsys):
     teacher = os.path.join(str(tmp_path), "teacher")
     assert summary["teacher"] == teacher and os.path.isfile(os.path.join(teacher, "tokenizer.json"))
     assert lrc.load_qwen2(teacher).config.hidden_size == 32
-    assert f"--data={os.path.join(str(tmp_path), 'data', 'val.txt')}" in out
+    data = os.path.join(str(tmp_path), "data")  # the next eval command: the toy val text and both fact sets
+    assert (f"--data={os.path.join(data, 'val.txt')} --txt_split=paragraph --mc={os.path.join(data, 'facts_seen.jsonl')} "
+            f"--mc={os.path.join(data, 'facts_unseen.jsonl')}") in out
     train.train(dict(tiny, max_steps=1))
     assert "toy teacher: reusing" in capsys.readouterr().out
 
