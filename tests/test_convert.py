@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import lrc
 from convert import convert, load_checkpoint, parse_size
+from test_lrc import randomize_
 from train import teacher_fingerprint
 
 transformers = pytest.importorskip("transformers")
@@ -61,20 +62,6 @@ def tiny_config(tied=False, hidden=32, theta=10000.0, vocab=320, layers=2, **kw)
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=theta,
                            tie_word_embeddings=tied, max_position_embeddings=128,
                            extra={"bos_token_id": None, "eos_token_id": 0}, **kw)
-
-
-def randomize_(module, seed, scale=0.15):
-    """O(1) logits, non-zero biases, non-unit norms: zeros and ones would hide mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def make_teacher(directory, seed=0, dtype=torch.float32, tokenizer=True, **kw):

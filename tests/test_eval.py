@@ -144,7 +144,7 @@ def test_encode_pair_handles_the_bpe_boundary_as_lm_eval(tmp_path):
 def generation_teacher(directory):
     """No eos in config.json and no generation_config.json, so transformers generates every token."""
     torch.manual_seed(0)
-    from test_convert import randomize_
+    from test_lrc import randomize_
     model = randomize_(lrc.Qwen2(tiny_config(tied=False)), seed=4, scale=0.3)
     model.config.extra = {}
     lrc.save_qwen2(model, str(directory))

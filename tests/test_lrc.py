@@ -51,9 +51,9 @@ def hf_config(vocab=96, hidden=32, inter=64, layers=2, heads=4, kv=2, head_dim=N
     return config
 
 
-def randomize_(model, seed):
-    """Weights big enough that logits are O(1), non-zero biases, non-unit norm weights. Works for both
-    transformers' and lrc's Qwen2 (same parameter names)."""
+def randomize_(model, seed, scale=0.15):
+    """Weights big enough that logits are O(1), non-zero biases, non-unit norm weights: zeros and ones
+    would hide mistakes. Works for both transformers' and lrc's Qwen2 (same parameter names)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,7 +62,7 @@ def randomize_(model, seed):
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     return model
 
 
