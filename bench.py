@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import lrc
+from configurator import Keys, run_main
 
 # -----------------------------------------------------------------------------
 # config: defaults, overridden by --key=value (nanoGPT style)
@@ -85,6 +86,7 @@ head_hidden = 0          # 0: 2048 on GPU (Qwen2.5-3B), 256 on CPU (memory does 
 head_student_hidden = 0  # 0: 1200 on GPU, 128 on CPU
 seed = 1337
 # -----------------------------------------------------------------------------
+_DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 
 SHAPES = {
     # dims: vocab, hidden, FFN, layers, heads, kv heads, student hidden, tied embeddings; default B, T
@@ -107,26 +109,6 @@ SHAPES = {
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
                ("H800 PCIe", 756.0), ("H800", 989.4), ("GH200", 989.4), ("B200", 2250.0),
                ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
-
-
-def parse_args(argv, config):
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise lrc.LRCError(f"argument {arg!r} is not of the form --key=value: e.g. --shape=mid")
-        key, value = arg[2:].split("=", 1)
-        if key not in config:
-            raise lrc.LRCError(f"unknown option --{key}: options are {', '.join('--' + k for k in config)}")
-        default = config[key]
-        try:
-            if isinstance(default, bool):
-                if value not in ("True", "False", "true", "false", "1", "0"):
-                    raise ValueError
-                config[key] = value in ("True", "true", "1")
-            else:
-                config[key] = type(default)(value)
-        except ValueError:
-            raise lrc.LRCError(f"--{key}={value} is not a valid {type(default).__name__}: "
-                               f"e.g. --{key}={default}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +165,7 @@ def reference_layer(x, layer, t: lrc.LayerWeights, cos, sin, c):
 class ReferenceStyleLRC(lrc.LRC):
     """Same parameters, losses and head as lrc.LRC; only the student's q/k/v are computed per token."""
 
-    def streams(self, idx, with_teacher=True):
+    def side_by_side(self, idx, with_teacher=True):
         teacher, c = self.teacher, self.teacher.config
         cos, sin = lrc.rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.head_dim, c.rope_theta)
         with torch.no_grad():
@@ -426,12 +408,8 @@ def bench_head_memory(dev, wdtype):
 
 # -----------------------------------------------------------------------------
 
-def main():
-    config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))
-              and k not in ("SHAPES",)}
-    parse_args(sys.argv[1:], config)
-    globals().update(config)
-
+def pick_device():
+    """(device, weight dtype, autocast for the plain student) from --device / --dtype."""
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -443,16 +421,11 @@ def main():
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-               else f"{os.cpu_count()}-core {os.uname().machine} CPU, {torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, {machine}, weights {wdtype}, compile={compile}")
+    return dev, wdtype, amp
 
-    if head_mem:
-        return bench_head_memory(dev, wdtype)
 
+def build_teacher(config, dev, wdtype):
+    """(shape dict, random-weight teacher built on the device in the weight dtype, exported student config)."""
     if shape not in SHAPES:
         raise lrc.LRCError(f"unknown --shape={shape}: use one of {', '.join(SHAPES)}")
     s = dict(SHAPES[shape])
@@ -460,11 +433,10 @@ def main():
                 "student_hidden", "batch_size", "seq_len"):
         if config[key]:
             s[key] = config[key]
-    B, T = s["batch_size"], s["seq_len"]
     teacher_cfg = lrc.Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
                                   intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
                                   num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-                                  tie_word_embeddings=s["tie"], max_position_embeddings=max(T, 32768))
+                                  tie_word_embeddings=s["tie"], max_position_embeddings=max(s["seq_len"], 32768))
     # random weights, built on the device directly in the weight dtype (no 2x copy of a 7B model)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(wdtype)
@@ -474,26 +446,15 @@ def main():
     finally:
         torch.set_default_dtype(default_dtype)
     teacher.requires_grad_(False).eval()
-    student_cfg = lrc.LRC(teacher, s["student_hidden"], tie_proj=s["tie"]).student_config  # the exported shape
-    g = torch.Generator(device=dev).manual_seed(seed)
-    tokens = torch.randint(teacher_cfg.vocab_size, (B, T + 1), device=dev, generator=g)
-    idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return s, teacher, lrc.student_shape(teacher_cfg, s["student_hidden"], s["tie"])
 
-    n_rounds = rounds or (1 if dev.type == "cuda" else 3)
-    keys = [k for k in "abcd" if k in variants] + (["c_ckpt"] if checkpoint else [])
-    print(f"shape {shape}: V={teacher_cfg.vocab_size} d={teacher_cfg.hidden_size} f={teacher_cfg.intermediate_size} "
-          f"L={teacher_cfg.num_hidden_layers} H={teacher_cfg.num_attention_heads} Hkv={teacher_cfg.num_key_value_heads} "
-          f"hd={teacher_cfg.head_dim} tied={teacher_cfg.tie_word_embeddings} -> d_s={student_cfg.hidden_size}; "
-          f"B={B} T={T} ({B * T} tokens/step); matmul params teacher {matmul_params(teacher_cfg) / 1e6:.1f}M, "
-          f"student {matmul_params(student_cfg) / 1e6:.1f}M")
-    print(f"{warmup} warm-up + {n_rounds} round(s) x {steps} timed steps per variant; "
-          f"load average at start {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
 
-    def build(key):
-        return build_variant(key, teacher, student_cfg, idx, targets, dev, amp, s["tie"])
-
+def run_variants(keys, build, dev, n_rounds):
+    """Warm up, time and measure each variant. One round: one variant at a time, so that on GPU only the
+    teacher and that variant are resident. Several: all resident, interleaved round by round so that
+    contention hits them alike."""
     done = []
-    if n_rounds == 1:  # one variant at a time: on GPU only the teacher and that variant are resident
+    if n_rounds == 1:
         for key in keys:
             v = None
             try:
@@ -505,26 +466,30 @@ def main():
                 measure_memory(v, dev)
                 done.append(v)
             except torch.OutOfMemoryError:
-                print(f"note: ({key}) ran out of memory at B={B}, T={T}: skipped (try --batch_size=1 or "
-                      f"--checkpoint=True)")
+                print(f"note: ({key}) ran out of memory at batch_size={batch_size or 'default'}: skipped (try "
+                      f"--batch_size=1 or --checkpoint=True)")
             if v is not None:
                 release(v, dev)
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    else:  # all resident; rounds interleave the variants so that contention hits them alike
-        done = [build(key) for key in keys]
+        return done
+    done = [build(key) for key in keys]
+    for v in done:
+        run_variant_warmup(v, dev)
+    for _ in range(n_rounds):
         for v in done:
-            run_variant_warmup(v, dev)
-        for _ in range(n_rounds):
-            for v in done:
-                wall, cpu = time_steps(v.step, steps, dev)
-                v.times += wall
-                v.cpu_times += cpu
-        for v in done:
-            measure_memory(v, dev)
-            release(v, dev)
+            wall, cpu = time_steps(v.step, steps, dev)
+            v.times += wall
+            v.cpu_times += cpu
+    for v in done:
+        measure_memory(v, dev)
+        release(v, dev)
+    return done
 
+
+def report(done, dev, tokens_per_step, flops_c):
+    """The table (ms/step, tokens/s, peak memory, MFU) and the ratios against the floor."""
     peak = peak_tflops
     if dev.type == "cuda" and not peak:
         peak, name = gpu_peak_tflops(dev)
@@ -532,14 +497,14 @@ def main():
             print(f"note: no peak FLOP/s known for {name!r}: pass --peak_tflops for MFU")
     stats = {"median wall": {v.key: statistics.median(v.times) for v in done},
              "min wall": {v.key: min(v.times) for v in done}}
-    if dev.type == "cpu":
+    cpu_col = dev.type == "cpu"
+    if cpu_col:
         stats["median CPU time"] = {v.key: statistics.median(v.cpu_times) for v in done}
     median = stats["median wall"]
-    cpu_col = dev.type == "cpu"
     print(f"{'variant':<36}{'ms/step':>9}{'min':>9}" + (f"{'CPU ms':>9}" if cpu_col else "")
           + f"{'tokens/s':>10}{'peak MiB':>10}{'MFU':>7}{'1st step s':>11}")
     for v in done:
-        tps = B * T / median[v.key]
+        tps = tokens_per_step / median[v.key]
         mem = "n/a" if v.peak_bytes is None else f"{v.peak_bytes / 2**20:.0f}"
         mfu = f"{100 * v.flops_per_token * tps / (peak * 1e12):.1f}%" if peak else "-"
         cpu_ms = f"{1e3 * stats['median CPU time'][v.key]:>9.1f}" if cpu_col else ""
@@ -560,14 +525,42 @@ def main():
             print(f"from {name:<16}: " + ", ".join(parts))
     if hasattr(os, "getloadavg"):
         print(f"load average at end {os.getloadavg()[0]:.2f} (above the thread count: timings contended)")
-    print("model FLOPs/token: 2*teacher + 6*student matmul params + causal attention "
-          f"= {model_flops_per_token(teacher_cfg, student_cfg, T, 'c') / 1e9:.3f} GFLOP (c, d); reference "
-          "LRC-1.7B: ~8.7k tokens/s per H800")
+    print(f"model FLOPs/token: 2*teacher + 6*student matmul params + causal attention = {flops_c / 1e9:.3f} GFLOP "
+          "(c, d); reference LRC-1.7B: ~8.7k tokens/s per H800")
+
+
+def main(argv=None):
+    config = Keys(_DEFAULTS, where_listed="the config block at the top of bench.py").parse(
+        sys.argv[1:] if argv is None else argv, doc=__doc__)
+    globals().update(config)
+    dev, wdtype, amp = pick_device()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+               else f"{os.cpu_count()}-core {os.uname().machine} CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {machine}, weights {wdtype}, compile={compile}")
+    if head_mem:
+        return bench_head_memory(dev, wdtype)
+
+    s, teacher, student_cfg = build_teacher(config, dev, wdtype)
+    teacher_cfg, B, T = teacher.config, s["batch_size"], s["seq_len"]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tokens = torch.randint(teacher_cfg.vocab_size, (B, T + 1), device=dev, generator=g)
+    idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    n_rounds = rounds or (1 if dev.type == "cuda" else 3)
+    keys = [k for k in "abcd" if k in variants] + (["c_ckpt"] if checkpoint else [])
+    print(f"shape {shape}: V={teacher_cfg.vocab_size} d={teacher_cfg.hidden_size} f={teacher_cfg.intermediate_size} "
+          f"L={teacher_cfg.num_hidden_layers} H={teacher_cfg.num_attention_heads} Hkv={teacher_cfg.num_key_value_heads} "
+          f"hd={teacher_cfg.head_dim} tied={teacher_cfg.tie_word_embeddings} -> d_s={student_cfg.hidden_size}; "
+          f"B={B} T={T} ({B * T} tokens/step); matmul params teacher {matmul_params(teacher_cfg) / 1e6:.1f}M, "
+          f"student {matmul_params(student_cfg) / 1e6:.1f}M")
+    print(f"{warmup} warm-up + {n_rounds} round(s) x {steps} timed steps per variant; "
+          f"load average at start {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+    done = run_variants(keys, lambda key: build_variant(key, teacher, student_cfg, idx, targets, dev, amp, s["tie"]),
+                        dev, n_rounds)
+    report(done, dev, B * T, model_flops_per_token(teacher_cfg, student_cfg, T, "c"))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lrc.LRCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -16,7 +16,6 @@ Reported, per model:
 bfloat16 on GPU, float32 on CPU unless --dtype says otherwise. --json=FILE writes every number.
 perplexity(), score_mc() and generate() are importable.
 """
-import argparse
 import json
 import math
 import os
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import lrc
-from convert import find_checkpoint, load_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, tokenizer_dir
+from configurator import ArgumentParser, run_main
 from data.prepare import load_tokenizer, open_tokens, prepare
 
 
@@ -108,7 +108,6 @@ def load_any(path, teacher=None, device="cpu", dtype=None) -> Loaded:
         kind = f"{state['method']} step {state.get('step')}"
         token_dir = state.get("teacher_dir")
         if token_dir and not os.path.isdir(token_dir):
-            from convert import tokenizer_dir
             token_dir = tokenizer_dir(token_dir)
     else:
         token_dir = lrc.resolve_checkpoint(path)
@@ -439,7 +438,7 @@ def evaluate(args) -> list:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate teacher and students side by side.")
+    parser = ArgumentParser(description="Evaluate teacher and students side by side.")
     parser.add_argument("--model", action="append", required=True,
                         help="HF directory or hub id, or a training output / ckpt_* directory (repeatable)")
     parser.add_argument("--data", help="perplexity text: .txt, .jsonl (--text_field) or a prepared DIR/SPLIT.bin")
@@ -460,13 +459,9 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     args = parser.parse_args(argv)
-    try:
-        if not (args.data or args.mc or args.prompt is not None):
-            raise lrc.LRCError("nothing to evaluate: pass --data=FILE, --mc=FILE.jsonl and/or --prompt=TEXT")
-        results = evaluate(args)
-    except lrc.LRCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not (args.data or args.mc or args.prompt is not None):
+        raise lrc.LRCError("nothing to evaluate: pass --data=FILE, --mc=FILE.jsonl and/or --prompt=TEXT")
+    results = evaluate(args)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -474,4 +469,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -1,16 +1,18 @@
 """
 Low-Rank Clone (LRC) in one file: an exact from-scratch Qwen2 teacher, the LRC student whose every
 weight is generated from the teacher's by trainable low-rank projections, the three losses, and the
-export of the merged student as a plain Qwen2. Section numbers refer to LRC_SPEC.md.
+export of the merged student as a plain Qwen2. Section numbers refer to docs/spec.md.
 
-Read top to bottom: config, norm, RoPE, attention, the Qwen2 layer, the Qwen2 model, loading and
-saving checkpoints, the loss head, the LRC student, export.
+Read top to bottom: config, norm, RoPE, attention, the Qwen2 layer, the Qwen2 model, the KV cache for
+generation, the loss head, the LRC student and the two baselines, export, and at the end the
+Hugging Face checkpoint files (loading, saving, atomic writes).
 """
 import json
 import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
@@ -131,33 +133,15 @@ def apply_rope(x, cos, sin):  # x [B, heads, T, head_dim]
 
 
 # -----------------------------------------------------------------------------
-# Attention: causal, grouped-query, with an optional KV cache for generation
+# Attention: causal, grouped-query; during generation it reads and extends a KVCache
 
-class KVCache:
-    """Preallocated keys and values for incremental decoding: each new token costs one position."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached; advanced by Qwen2.forward after all layers
-
-    def update(self, layer, k, v):  # k, v [B, Hkv, T, hd] -> all keys/values so far
-        end = self.pos + k.shape[2]
-        if end > self.k.shape[3]:
-            raise LRCError(f"KV cache holds {self.k.shape[3]} positions, {end} needed: allocate a longer cache")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-def attention(q, k, v, cos, sin, head_dim, cache=None, layer=0):
+def attention(q, k, v, cos, sin, head_dim, cache=None, layer_index=0):
     """q [B,T,H*hd], k/v [B,T,Hkv*hd] (after projection and bias) -> [B,T,H*hd]."""
     B, T, _ = q.shape
     q, k, v = (t.view(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
-        k, v = cache.update(layer, k, v)
+        k, v = cache.update(layer_index, k, v)
     S = k.shape[2]
     if S == T:
         mask, causal = None, True
@@ -200,10 +184,10 @@ class Activations(NamedTuple):
     ffn_out: torch.Tensor
 
 
-def qwen2_layer(x, w: LayerWeights, cos, sin, config, cache=None, layer=0):
+def qwen2_layer(x, w: LayerWeights, cos, sin, config, cache=None, layer_index=0):
     h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
     q, k, v = F.linear(h, w.q, w.q_bias), F.linear(h, w.k, w.k_bias), F.linear(h, w.v, w.v_bias)
-    o = F.linear(attention(q, k, v, cos, sin, config.head_dim, cache, layer), w.o)
+    o = F.linear(attention(q, k, v, cos, sin, config.head_dim, cache, layer_index), w.o)
     x = x + o
     h = rms_norm(x, w.ffn_norm, config.rms_norm_eps)
     gate, up = F.linear(h, w.gate), F.linear(h, w.up)
@@ -232,10 +216,12 @@ class Qwen2Block(nn.Module):
 
     def weights(self) -> LayerWeights:
         a, m = self.self_attn, self.mlp
-        return LayerWeights(self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
-                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
-                            self.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                            m.down_proj.weight)
+        return LayerWeights(
+            attn_norm=self.input_layernorm.weight,
+            q=a.q_proj.weight, q_bias=a.q_proj.bias, k=a.k_proj.weight, k_bias=a.k_proj.bias,
+            v=a.v_proj.weight, v_bias=a.v_proj.bias, o=a.o_proj.weight,
+            ffn_norm=self.post_attention_layernorm.weight,
+            gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight)
 
 
 class Qwen2(nn.Module):
@@ -264,8 +250,8 @@ class Qwen2(nn.Module):
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(idx)
-        for i, block in enumerate(self.model.layers):
-            x, _ = qwen2_layer(x, block.weights(), cos, sin, self.config, cache, i)
+        for layer_index, block in enumerate(self.model.layers):
+            x, _ = qwen2_layer(x, block.weights(), cos, sin, self.config, cache, layer_index)
         if cache is not None:
             cache.pos += idx.shape[1]
         return self.model.norm(x)
@@ -275,133 +261,24 @@ class Qwen2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loading and saving Hugging Face checkpoint directories (spec section 2)
+# The KV cache: incremental decoding for generation (eval_tiny.generate), one position per new token
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+class KVCache:
+    """Preallocated keys and values for incremental decoding: each new token costs one position."""
 
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached; advanced by Qwen2.forward after all layers
 
-def as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise LRCError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def resolve_checkpoint(path_or_id: str) -> str:
-    """A local directory as is; anything else is a hub id, fetched with only the files lrc needs."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
-        raise LRCError(f"{path_or_id!r} is not a checkpoint directory (nor a hub id like 'Qwen/Qwen2.5-3B-Instruct'): "
-                       f"check the path")
-    import huggingface_hub
-    try:
-        return huggingface_hub.snapshot_download(path_or_id, allow_patterns=HUB_FILES)
-    except Exception as e:
-        raise LRCError(f"could not download {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}): check the id and your network, "
-                       f"or pass a local directory") from None
-
-
-def checkpoint_files(path: str) -> dict:
-    """{tensor name: safetensors file} for a single-file or sharded checkpoint."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(path, shard)):
-                raise LRCError(f"shard {shard!r} is listed in {index} but missing: re-download the checkpoint")
-        return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise LRCError(f"no model.safetensors or model.safetensors.index.json in {path!r}: "
-                       f"lrc reads safetensors checkpoints only")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def load_qwen2(path_or_id: str, device="cpu", dtype=None) -> Qwen2:
-    """Build on the meta device, then assign each tensor straight from its file in the requested dtype,
-    so a 7B teacher never needs twice its size in memory."""
-    path = resolve_checkpoint(path_or_id)
-    config = Qwen2Config.from_pretrained(path)
-    if dtype is None:
-        dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
-    dtype = as_dtype(dtype)
-    with torch.device("meta"):
-        model = Qwen2(config)
-    expected = dict(model.state_dict(keep_vars=True))
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    files = checkpoint_files(path)
-    unexpected = set(files) - set(expected) - {"lm_head.weight"}
-    if unexpected:
-        raise LRCError(f"{path!r} holds tensors a Qwen2 model does not have (e.g. {sorted(unexpected)[0]!r}): "
-                       f"is this really a Qwen2 checkpoint?")
-    for name in expected:
-        if name not in files:
-            raise LRCError(f"tensor {name!r} is missing from {path!r}: re-download or re-export the checkpoint")
-    by_file = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in names:
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    raise LRCError(f"tensor {name!r} in {file} has shape {list(tensor.shape)} but config.json implies "
-                                   f"{list(expected[name].shape)}: the weights and config.json do not match")
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                setattr(module, attr, nn.Parameter(tensor.to(dtype), requires_grad=expected[name].requires_grad))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max_shard_bytes: int = 5 * 2**30):
-    """config.json + safetensors (sharded with an index above max_shard_bytes, as Hugging Face does),
-    written to a temporary directory and renamed into place so a crash never leaves half a checkpoint."""
-    config = model.config.to_dict()
-    config.update(extra_config or {})
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    # both names: transformers >= 4.56 writes and prefers "dtype", so a stale one copied from the teacher's
-    # config.json would make transformers load a bf16 checkpoint as float32
-    config["torch_dtype"] = config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    shards, size = [{}], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    def update(self, layer_index, k, v):  # k, v [B, Hkv, T, hd] -> all keys/values so far
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise LRCError(f"KV cache holds {self.k.shape[3]} positions, {end} needed: allocate a longer cache")
+        self.k[layer_index, :, :, self.pos:end] = k
+        self.v[layer_index, :, :, self.pos:end] = v
+        return self.k[layer_index, :, :, :end], self.v[layer_index, :, :, :end]
 
 
 # -----------------------------------------------------------------------------
@@ -481,6 +358,18 @@ def distill_loss(student_hidden, student_head, targets, teacher_hidden=None, tea
 # -----------------------------------------------------------------------------
 # The LRC student (spec section 3): projections generate every student weight from the teacher's
 
+def student_shape(teacher_config: Qwen2Config, student_hidden: int, tie_proj: bool) -> Qwen2Config:
+    """The student's architecture (spec sections 3 and 5): the teacher's with hidden_size = d_s and an
+    explicit head_dim; its embeddings are tied exactly when the teacher's are and tie_proj is on. The
+    LRC student is exported in this shape, and the kd / scratch baselines are built in it."""
+    c = teacher_config
+    if not 1 <= student_hidden <= c.hidden_size:
+        raise LRCError(f"student_hidden={student_hidden} must be between 1 and the teacher's hidden_size "
+                       f"{c.hidden_size} (equal only reproduces the teacher): pick a smaller student_hidden")
+    return replace(c, hidden_size=student_hidden, head_dim=c.head_dim,
+                   tie_word_embeddings=c.tie_word_embeddings and tie_proj, extra=dict(c.extra))
+
+
 INPUT_SIDE = ("P_q", "P_k", "P_v", "P_gate", "P_up")   # [d, d_s]: W_S = W @ P
 OUTPUT_SIDE = ("P_o", "P_down")                         # [d_s, d]: W_S = P @ W
 
@@ -534,9 +423,7 @@ class LRC(nn.Module):
         # (less activation memory for ~one more student forward; losses and gradients unchanged)
         self.checkpoint_layers = checkpoint_layers
         c = teacher.config
-        if not 1 <= student_hidden <= c.hidden_size:
-            raise LRCError(f"student_hidden={student_hidden} must be between 1 and the teacher's hidden_size "
-                           f"{c.hidden_size} (equal only reproduces the teacher): pick a smaller student_hidden")
+        student_shape(c, student_hidden, tie_proj)  # checks student_hidden
         teacher.requires_grad_(False)
         self.teacher = teacher
         self.student_hidden, self.tie_proj, self.alpha, self.tau = student_hidden, tie_proj, alpha, tau
@@ -549,17 +436,16 @@ class LRC(nn.Module):
 
     @property
     def student_config(self) -> Qwen2Config:
-        c = self.teacher.config
-        return replace(c, hidden_size=self.student_hidden, head_dim=c.head_dim,
-                       tie_word_embeddings=c.tie_word_embeddings and self.tie_proj, extra=dict(c.extra))
+        return student_shape(self.teacher.config, self.student_hidden, self.tie_proj)
 
     def student_head(self):
-        """W_lm^S = W_lm @ P_lm, or E @ P_emb with tie_proj (spec section 3): [V, d_s]."""
+        """W_lm^S = W_lm @ P_lm, or W_lm @ P_emb with tie_proj (spec section 3): [V, d_s]. For a tied
+        teacher W_lm is E, so with tie_proj the student's head is its embedding E @ P_emb."""
         P = self.P_emb if self.P_lm is None else self.P_lm
         W = self.teacher.lm_head.weight
         return W @ P.to(W.dtype)
 
-    def streams(self, idx, with_teacher=True):
+    def side_by_side(self, idx, with_teacher=True):
         """Run teacher and student side by side, layer by layer (spec section 4).
         Returns the final-normed student hidden [B,T,d_s], teacher hidden [B,T,d] and L_clone."""
         teacher, c = self.teacher, self.teacher.config
@@ -592,15 +478,19 @@ class LRC(nn.Module):
 
     def forward(self, idx, targets):
         """L = L_KL + L_LM + alpha * L_clone (spec section 4); targets[b,t] follows idx[b,t]."""
-        h_s, h_t, clone = self.streams(idx)
+        h_s, h_t, clone = self.side_by_side(idx)
         head_loss, kl, lm = distill_loss(h_s, self.student_head(), targets, h_t, self.teacher.lm_head.weight,
                                          tau=self.tau)
         loss = head_loss + self.alpha * clone
         return loss, {"kl": kl, "lm": lm, "clone": clone.detach()}
 
+    def checkpoint_tensors(self):
+        """What a training checkpoint holds: the trainable parameters by name (P_emb, layers.0.P_q, ...)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     def student_logits(self, idx):
         """The training-time student's logits [B,T,V], without running the teacher stream."""
-        h_s, _, _ = self.streams(idx, with_teacher=False)
+        h_s, _, _ = self.side_by_side(idx, with_teacher=False)
         return h_s @ self.student_head().T
 
     # -------------------------------------------------------------------------
@@ -633,3 +523,216 @@ class LRC(nn.Module):
         if student.config.tie_word_embeddings:
             student.lm_head.weight = student.model.embed_tokens.weight
         return student.requires_grad_(False)
+# -----------------------------------------------------------------------------
+# The two baselines LRC is compared with, trained by the same loop: an ordinary Qwen2 student of the
+# LRC student's exported shape (student_shape), randomly initialised.
+
+class Baseline(nn.Module):
+    """kd: L_KL + L_LM against the frozen teacher (same head and reductions as LRC, no clone term);
+    scratch (teacher=None): L_LM on the data alone."""
+
+    def __init__(self, student: Qwen2, teacher: Optional[Qwen2] = None, tau: float = 40.0):
+        super().__init__()
+        self.student, self.teacher, self.tau = student, teacher, tau
+        if teacher is not None:
+            teacher.requires_grad_(False)
+
+    def forward(self, idx, targets):
+        h_s = self.student.hidden(idx)
+        h_t = W_t = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                h_t, W_t = self.teacher.hidden(idx), self.teacher.lm_head.weight
+        loss, kl, lm = distill_loss(h_s, self.student.lm_head.weight, targets, h_t, W_t, tau=self.tau)
+        return loss, {"kl": kl, "lm": lm, "clone": torch.zeros((), device=idx.device)}
+
+    def checkpoint_tensors(self):
+        """What a training checkpoint holds: the student's whole state with Hugging Face names
+        (lm_head.weight omitted when tied, as in a Hugging Face checkpoint)."""
+        state = dict(self.student.state_dict(keep_vars=True))
+        if self.student.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        return state
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving Hugging Face checkpoint directories (spec section 2)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+
+
+def as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise LRCError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_checkpoint(path_or_id: str) -> str:
+    """A local directory as is; anything else is a hub id, fetched with only the files lrc needs."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
+        raise LRCError(f"{path_or_id!r} is not a checkpoint directory (nor a hub id like 'Qwen/Qwen2.5-3B-Instruct'): "
+                       f"check the path")
+    import huggingface_hub
+    try:
+        return huggingface_hub.snapshot_download(path_or_id, allow_patterns=HUB_FILES)
+    except Exception as e:
+        raise LRCError(f"could not download {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}): check the id and your network, "
+                       f"or pass a local directory") from None
+
+
+def checkpoint_files(path: str) -> dict:
+    """{tensor name: safetensors file} for a single-file or sharded checkpoint."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise LRCError(f"shard {shard!r} is listed in {index} but missing: re-download the checkpoint")
+        return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise LRCError(f"no model.safetensors or model.safetensors.index.json in {path!r}: "
+                       f"lrc reads safetensors checkpoints only")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_qwen2(path_or_id: str, device="cpu", dtype=None) -> Qwen2:
+    """Build on the meta device, then assign each tensor straight from its file in the requested dtype,
+    so a 7B teacher never needs twice its size in memory. Any failure to read it is a one-line LRCError."""
+    try:
+        return _load_qwen2(path_or_id, device, dtype)
+    except LRCError:
+        raise
+    except Exception as e:  # truncated safetensors, unreadable file, malformed config.json
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise LRCError(f"could not read the teacher {path_or_id!r} ({type(e).__name__}: {first}): "
+                       f"re-download or re-save the checkpoint") from None
+
+
+def _load_qwen2(path_or_id, device, dtype):
+    path = resolve_checkpoint(path_or_id)
+    config = Qwen2Config.from_pretrained(path)
+    if dtype is None:
+        dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
+    dtype = as_dtype(dtype)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    expected = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    files = checkpoint_files(path)
+    unexpected = set(files) - set(expected) - {"lm_head.weight"}
+    if unexpected:
+        raise LRCError(f"{path!r} holds tensors a Qwen2 model does not have (e.g. {sorted(unexpected)[0]!r}): "
+                       f"is this really a Qwen2 checkpoint?")
+    for name in expected:
+        if name not in files:
+            raise LRCError(f"tensor {name!r} is missing from {path!r}: re-download or re-export the checkpoint")
+    by_file = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise LRCError(f"tensor {name!r} in {file} has shape {list(tensor.shape)} but config.json implies "
+                                   f"{list(expected[name].shape)}: the weights and config.json do not match")
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, attr, nn.Parameter(tensor.to(dtype), requires_grad=expected[name].requires_grad))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max_shard_bytes: int = 5 * 2**30):
+    """config.json + safetensors (sharded with an index above max_shard_bytes, as Hugging Face does),
+    written atomically (atomic_directory): a crash never leaves half a checkpoint."""
+    config = model.config.to_dict()
+    config.update(extra_config or {})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    # both names: transformers >= 4.56 writes and prefers "dtype", so a stale one copied from the teacher's
+    # config.json would make transformers load a bf16 checkpoint as float32
+    config["torch_dtype"] = config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    shards, size = [{}], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    with atomic_directory(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# Atomic writes: everything lrc writes (checkpoints, model directories, token files, manifests) appears
+# whole or not at all. Work happens in a temporary sibling, flushed to disk, then renamed into place.
+
+@contextmanager
+def atomic_directory(path: str):
+    """Yield an empty temporary directory beside `path`; when the block succeeds its files are fsynced
+    and it replaces `path` (an existing `path` is swapped out first, never left half-written); when
+    the block fails it is deleted and `path` is untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):  # on disk before the rename makes the directory visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str, mode: str = "w"):
+    """Yield a file object writing a temporary sibling of `path`; when the block succeeds it is fsynced
+    and renamed to `path`; when it fails it is deleted and `path` is untouched."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+

@@ -8,31 +8,29 @@ One loop serves a laptop and a cluster:
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         train.py config/lrc_1.7b.py --data=DIR --micro_batch_size=1
 
-Configuration, nanoGPT style: DEFAULTS below (they are the toy preset), then each config/NAME.py given
-(plain Python, executed; its top-level names override), then --key=value (a Python literal, or a bare
-string). Unknown keys and wrongly typed values are refused. --resume continues the latest checkpoint
-in out_dir exactly. train(cfg) runs the same thing from Python and returns a summary dict.
+Configuration, nanoGPT style (configurator.py): DEFAULTS below (they are the toy preset), then each
+config/NAME.py given, then --key=value. Unknown keys and wrongly typed values are refused. --resume
+continues the latest checkpoint in out_dir exactly. train(cfg) runs the same thing from Python and
+returns a summary dict.
 
 Methods (one loop, spec section 4 for the losses):
   lrc      the LRC student: trainable projections of a frozen teacher; L = L_KL + L_LM + alpha * L_clone
   kd       an ordinary Qwen2 of the exported student's shape, random init; L = L_KL + L_LM
   scratch  the same student trained on the data alone; L = L_LM
+
+The file reads top to bottom as the job runs: config -> setup (processes, devices, the output
+directory) -> data (cheap checks before any teacher is touched) -> build (teacher, model, optimizer,
+resume) -> the loop -> summary.
 """
-import ast
-import base64
-import difflib
-import glob
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field
+from typing import Optional
 
 # Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a small CPU that is running
 # anything else, spinning threads burn the time slices their partners need: on a 2-core machine with one
@@ -41,11 +39,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
+import checkpoint  # noqa: E402
+import distributed  # noqa: E402
 import lrc  # noqa: E402
+from configurator import Keys, run_main  # noqa: E402
+from data import loader, toy  # noqa: E402
 from lrc import LRCError, Qwen2, Qwen2Config  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -106,266 +105,154 @@ DEFAULTS = dict(
     toy_teacher_steps=400,
     toy_teacher_lr=3e-3,
 )
-# keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
-OPTIONAL_TYPES = {"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
-                  "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)}
-CHOICES = {"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
-           "compile": ("auto", True, False)}
-EXCLUSIVE = {"max_steps": "max_tokens", "max_tokens": "max_steps"}  # setting one clears the other
-
-
-def _type_name(t):
-    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
-
-
-def check_value(key, value, where="config"):
-    """The value converted to the key's type (int -> float, 0/1 -> bool), or a one-line LRCError."""
-    if key not in DEFAULTS:
-        close = difflib.get_close_matches(key, DEFAULTS, n=3)
-        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-        raise LRCError(f"unknown config key {key!r} in {where}{hint}: the keys are listed in DEFAULTS in train.py")
-    expected = OPTIONAL_TYPES.get(key, type(DEFAULTS[key]))
-    types = expected if isinstance(expected, tuple) else (expected,)
-    optional = key in OPTIONAL_TYPES
-    converted = _BAD
-    if value is None:
-        converted = None if optional else _BAD
-    elif isinstance(value, bool):                            # bool is an int to Python, not to us
-        converted = value if bool in types else _BAD
-    elif isinstance(value, types):
-        converted = value
-    elif float in types and isinstance(value, int):
-        converted = float(value)
-    elif int in types and isinstance(value, float) and value.is_integer():
-        converted = int(value)                               # --max_steps=1e4
-    elif bool in types and isinstance(value, int) and value in (0, 1):
-        converted = bool(value)
-    if converted is _BAD:
-        raise LRCError(f"{key}={value!r} in {where} is not {_type_name(expected)}{' or None' if optional else ''}: "
-                       f"e.g. --{key}={DEFAULTS[key]!r}")
-    if key in CHOICES and converted not in CHOICES[key]:
-        raise LRCError(f"{key}={converted!r} in {where} is not one of {', '.join(map(repr, CHOICES[key]))}")
-    return converted
-
-
-_BAD = object()
-
-
-def set_key(cfg, key, value, where):
-    value = check_value(key, value, where)
-    if value is not None and key in EXCLUSIVE:
-        cfg[EXCLUSIVE[key]] = None  # the later of max_steps / max_tokens wins
-    cfg[key] = value
-
-
-def load_config_file(path, cfg):
-    """Execute a config file (plain Python) and apply its top-level names to cfg."""
-    if not os.path.isfile(path):
-        raise LRCError(f"config file {path!r} does not exist: see config/ for the presets")
-    namespace = {"__file__": path}
-    try:
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), namespace)
-    except SyntaxError as e:
-        raise LRCError(f"config file {path}, line {e.lineno}: {e.msg}") from None
-    except Exception as e:
-        raise LRCError(f"config file {path} failed ({type(e).__name__}: {e})") from None
-    for key, value in namespace.items():
-        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
-            continue
-        set_key(cfg, key, value, path)
+KEYS = Keys(
+    DEFAULTS,
+    # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
+    optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
+              "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
+    choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
+             "compile": ("auto", True, False)},
+    exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
+    flags=("resume",), where_listed="DEFAULTS in train.py")
 
 
 def parse_args(argv):
     """sys.argv[1:] -> full config dict: DEFAULTS, then config files, then --key=value, in order."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nkeys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
-            sys.exit(0)
-        if arg == "--resume":
-            cfg["resume"] = True
-        elif arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise LRCError(f"{arg!r}: write options as --key=value (e.g. --max_steps=100); "
-                               f"--resume alone is a flag")
-            if key not in DEFAULTS:
-                check_value(key, None, "the command line")  # raises, with close matches
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text                                 # a bare word: --method=kd, --teacher=Qwen/...
-            if OPTIONAL_TYPES.get(key, type(DEFAULTS[key])) is str and value is not None:
-                value = text                                 # --out_dir=123 is a name, not a number
-            set_key(cfg, key, value, "the command line")
-        elif arg.endswith(".py"):
-            load_config_file(arg, cfg)
-        else:
-            raise LRCError(f"unexpected argument {arg!r}: pass config/NAME.py files and --key=value options")
-    return cfg
+    return KEYS.parse(argv, doc=__doc__)
 
 
 def make_config(overrides=None):
     """DEFAULTS updated with a dict (what train() accepts from Python), each key checked."""
-    cfg = dict(DEFAULTS)
-    for key, value in (overrides or {}).items():
-        cfg[key] = check_value(key, value, "the config dict")
-    if cfg["max_steps"] is not None and cfg["max_tokens"] is not None:
-        raise LRCError(f"both max_steps={cfg['max_steps']} and max_tokens={cfg['max_tokens']} are set: set one, "
-                       f"the other to None")
-    return cfg
+    return KEYS.from_dict(overrides)
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is rank 0 of 1.
+# Setup: processes and devices (distributed.py), the batch arithmetic, numerics, the output directory
 
-def setup_distributed(cfg):
-    """(rank, local_rank, world_size, device, created_group)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg["device"]
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise LRCError(f"device={cfg['device']!r} but torch sees no CUDA GPU: use --device=cpu")
-    if want == "cuda":
-        want = f"cuda:{local_rank}"
-    device = torch.device(want)
-    created = False
-    if world_size > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            created = True
-        if device.type == "cpu":  # several processes on one CPU: share the cores instead of oversubscribing
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, local_rank, world_size, device, created
+@dataclass
+class Run:
+    """Where and how this process trains; everything the loop needs that is not a tensor."""
+    cfg: dict
+    procs: distributed.Processes  # rank, world_size, device
+    grad_accum: int               # micro-steps per optimizer step
+    max_steps: int                # the schedule's length
+    end_step: int                 # where this invocation stops (stop_step, else max_steps)
+    dtype_name: str               # 'bf16' | 'fp32'
+    use_compile: bool
+    log_prefix: str = ""
 
+    rank = property(lambda self: self.procs.rank)
+    world_size = property(lambda self: self.procs.world_size)
+    device = property(lambda self: self.procs.device)
+    master = property(lambda self: self.procs.master)
+    compute_dtype = property(lambda self: lrc.as_dtype(self.dtype_name))
 
-def all_reduce(tensor, op="sum"):
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                    "min": dist.ReduceOp.MIN}[op])
-    return tensor
+    def log(self, msg):
+        if self.master:
+            print(self.log_prefix + msg, flush=True)
+
+    def autocast(self):
+        """bf16 autocast on GPU with float32 masters; nothing on CPU (float32)."""
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
 
-def barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def schedule_length(cfg, world_size):
+    """(grad_accum, max_steps), refusing a batch that does not divide: tokens_per_step = seq_len *
+    micro_batch_size * world_size * grad_accum, exactly."""
+    per_micro = cfg["seq_len"] * cfg["micro_batch_size"] * world_size
+    grad_accum = cfg["tokens_per_step"] // per_micro
+    if cfg["tokens_per_step"] % per_micro or grad_accum < 1:
+        raise LRCError(f"tokens_per_step={cfg['tokens_per_step']} is not a multiple of seq_len * micro_batch_size * "
+                       f"world_size = {cfg['seq_len']} * {cfg['micro_batch_size']} * {world_size} = {per_micro}: "
+                       f"change tokens_per_step or micro_batch_size")
+    if cfg["max_steps"] is None and cfg["max_tokens"] is None:
+        raise LRCError("set max_steps or max_tokens")
+    max_steps = cfg["max_steps"]
+    if max_steps is None:
+        max_steps = math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
+    if max_steps < 1:
+        raise LRCError(f"the run has {max_steps} steps: raise max_steps or max_tokens")
+    if cfg["keep_last"] < 1:
+        raise LRCError("keep_last must be at least 1")
+    return grad_accum, max_steps
 
 
-# -----------------------------------------------------------------------------
-# Data: memory-mapped uint32 token files (spec section 7). The windows of step s are a pure function of
-# (seed, s): every rank computes the same global batch and takes its own rows, so 1 process x 2
-# micro-steps and 2 processes x 1 micro-step read the same windows, and a resumed run reads exactly the
-# windows the uninterrupted run would have read.
-
-def window_offsets(seed, step, n_windows, n_tokens, seq_len):
-    """Start offsets of the global batch of optimizer step `step`: windows of seq_len + 1 tokens."""
-    return np.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, size=n_windows)
-
-
-class TokenWindows:
-    def __init__(self, tokens, cfg, rank, world_size, grad_accum, device):
-        self.tokens, self.seed, self.seq_len = tokens, cfg["seed"], cfg["seq_len"]
-        self.mbs, self.rank, self.world, self.grad_accum = cfg["micro_batch_size"], rank, world_size, grad_accum
-        self.device, self.cached = device, (None, None)
-        if len(tokens) < self.seq_len + 1:
-            raise LRCError(f"the training data has {len(tokens)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}: "
-                           f"use more data or a smaller --seq_len")
-
-    def batch(self, step, micro):
-        """(x, y) of rank `rank` at micro-step `micro` of `step`: rows (micro * world + rank) of the global batch."""
-        if self.cached[0] != step:
-            n = self.mbs * self.world * self.grad_accum
-            self.cached = (step, window_offsets(self.seed, step, n, len(self.tokens), self.seq_len))
-        first = (micro * self.world + self.rank) * self.mbs
-        offsets = self.cached[1][first:first + self.mbs]
-        windows = self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
-        return to_device(windows[:, :-1], self.device), to_device(windows[:, 1:], self.device)
-
-
-def to_device(array, device):
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the GPU's work
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def check_token_range(tokens, vocab_size, path, rank, world_size, device):
-    """Refuse token ids >= the model's vocabulary: each rank scans its share, the maximum is all-reduced."""
-    share = math.ceil(len(tokens) / world_size)
-    local_max = -1
-    for start in range(rank * share, min(len(tokens), (rank + 1) * share), 1 << 26):
-        stop = min(start + (1 << 26), (rank + 1) * share, len(tokens))
-        local_max = max(local_max, int(tokens[start:stop].max()))
-    biggest = int(all_reduce(torch.tensor([local_max], device=device), "max").item())
-    if biggest >= vocab_size:
-        raise LRCError(f"{path} holds token id {biggest}, but the model's vocabulary has {vocab_size} ids: "
-                       f"prepare the data with the teacher's tokenizer (data/prepare.py --tokenizer=TEACHER)")
-
-
-def read_data_meta(data):
-    """meta.json of the token directory: checked before the (possibly large) teacher is loaded."""
-    from data.prepare import read_meta
-    if not os.path.isdir(data):
-        raise LRCError(f"data directory {data!r} does not exist: prepare token files with data/prepare.py "
-                       f"(or use --data=toy)")
-    return read_meta(data)
-
-
-def open_data(cfg, vocab_size, teacher_dir, log):
-    """(train memmap, val memmap or None, meta). Checks the vocabulary and the tokenizer hash."""
-    from data.prepare import open_tokens, tokenizer_sha256
-    data = cfg["data"]
-    meta = read_data_meta(data)
-    if teacher_dir is not None and os.path.isfile(os.path.join(teacher_dir, "tokenizer.json")):
-        expected = tokenizer_sha256(teacher_dir)
-        if meta["tokenizer_sha256"] != expected:
-            msg = (f"{data!r} was tokenized with another tokenizer.json than the teacher's (sha256 "
-                   f"{meta['tokenizer_sha256'][:12]}... vs {expected[:12]}...): prepare it with "
-                   f"data/prepare.py --tokenizer={teacher_dir}")
-            if cfg["strict_tokenizer"]:
-                raise LRCError(msg)
-            log(f"warning: {msg} (strict_tokenizer=True refuses)")
-    train_tokens = open_tokens(data, "train", vocab_size=vocab_size)
-    val_tokens = None
-    if cfg["eval_tokens"] and "val" in meta["n_tokens"] and meta["n_tokens"]["val"] > cfg["seq_len"]:
-        val_tokens = open_tokens(data, "val", vocab_size=vocab_size)
-    return train_tokens, val_tokens, meta
+def setup(cfg, log_prefix=""):
+    """The Run of this process: checks the batch arithmetic, then joins the process group under torchrun."""
+    grad_accum, max_steps = schedule_length(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    procs = distributed.init(cfg["device"])
+    cuda = procs.device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    end_step = min(max_steps, cfg["stop_step"]) if cfg["stop_step"] is not None else max_steps
+    return Run(cfg, procs, grad_accum, max_steps, end_step,
+               dtype_name=cfg["dtype"] if cfg["dtype"] != "auto" else ("bf16" if cuda else "fp32"),
+               use_compile=cfg["compile"] if cfg["compile"] != "auto" else cuda, log_prefix=log_prefix)
 
 
 # -----------------------------------------------------------------------------
-# Models. Each is an nn.Module whose forward(idx, targets) returns (loss, {"kl", "lm", "clone"}); the frozen
-# teacher, when there is one, is its submodule `teacher` (requires_grad=False, excluded from DDP).
+# The toy world (data/toy.py): corpus, tokenizer and a tiny teacher, built on first use and cached
 
-class Baseline(nn.Module):
-    """kd and scratch: an ordinary Qwen2 student. kd: L_KL + L_LM against the teacher; scratch: L_LM."""
-
-    def __init__(self, student: Qwen2, teacher: Qwen2 = None, tau: float = 40.0):
-        super().__init__()
-        self.student, self.teacher, self.tau = student, teacher, tau
-        if teacher is not None:
-            teacher.requires_grad_(False)
-
-    def forward(self, idx, targets):
-        h_s = self.student.hidden(idx)
-        h_t = W_t = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                h_t, W_t = self.teacher.hidden(idx), self.teacher.lm_head.weight
-        loss, kl, lm = lrc.distill_loss(h_s, self.student.lm_head.weight, targets, h_t, W_t, tau=self.tau)
-        return loss, {"kl": kl, "lm": lm, "clone": torch.zeros((), device=idx.device)}
+def toy_world(cfg, run):
+    """For teacher='toy' / data='toy': the toy corpus (data/toy.py; built by rank 0 in seconds, cached)."""
+    if cfg["teacher"] != "toy" and cfg["data"] != "toy":
+        return None
+    toy_dir = os.path.join(cfg["out_dir"], "data")
+    if run.master:
+        toy.build_toy(toy_dir)
+    distributed.barrier()
+    return toy.build_toy(toy_dir)  # rank 0 built it: only reads
 
 
-def exported_shape(teacher_config: Qwen2Config, cfg) -> Qwen2Config:
-    """The LRC student's exported shape (spec section 5), which the kd and scratch baselines share."""
+def build_toy_teacher(cfg, paths, teacher_dir, run_dir, log=print, log_prefix="[teacher] "):
+    """teacher_dir: a tiny Qwen2 with the toy tokenizer, trained from scratch by train() itself (method=scratch)
+    on the toy teacher's text, unless a cached one has the same recipe. experiments/toy_compare.py builds its
+    teacher here too. Returns train()'s summary, or None when the cache was used."""
+    recipe = toy.toy_teacher_recipe(cfg, paths)
+    if toy.is_cached_teacher(teacher_dir, recipe):
+        log(f"toy teacher: reusing {teacher_dir} (delete it to retrain)")
+        return None
+    log(f"toy teacher: training a tiny Qwen2 from scratch ({recipe['spec']['num_hidden_layers']} layers, "
+        f"hidden {recipe['spec']['hidden_size']}, {recipe['steps']} steps) with method=scratch")
+    run_cfg = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
+                   out_dir=run_dir, max_steps=recipe["steps"], max_tokens=None, stop_step=None, lr=recipe["lr"],
+                   min_lr=0.0, resume=False, overwrite=True, save_interval=0, keep_last=1, wandb_project=None,
+                   eval_interval=0, log_interval=max(cfg["log_interval"], recipe["steps"] // 8))
+    summary = train(run_cfg, log_prefix=log_prefix)
+    if int(os.environ.get("RANK", "0")) == 0:
+        model, _ = checkpoint.load_checkpoint(summary["checkpoint"])
+        lrc.save_qwen2(model, teacher_dir, extra_config={"lrc_toy_teacher": recipe})
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(paths["tokenizer_dir"], name), os.path.join(teacher_dir, name))
+        log(f"toy teacher: saved to {teacher_dir} (built in {summary['wall_s']:.0f} s)")
+    distributed.barrier()
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Build: the teacher, the model being trained and its optimizer. Each model is an nn.Module whose
+# forward(idx, targets) returns (loss, {"kl", "lm", "clone"}); the frozen teacher, when there is one, is
+# its submodule `teacher` (requires_grad=False, excluded from DDP).
+
+def teacher_config_of(cfg, teacher_dir, toy_paths):
+    """The teacher's architecture from config.json alone (or the toy recipe), before any weight is read."""
+    if cfg["teacher"] == "toy":
+        spec = toy.toy_teacher_recipe(cfg, toy_paths)["spec"]
+        return Qwen2Config.from_dict({"model_type": "qwen2", **spec})
+    return Qwen2Config.from_pretrained(teacher_dir)
+
+
+def student_config_of(cfg, teacher_config):
+    """The shape of the student: the LRC student's exported shape (shared by the baselines), or kd/scratch's
+    explicit student_config."""
+    if cfg["method"] == "lrc" and cfg["student_config"] is not None:
+        raise LRCError("student_config is for kd/scratch; an LRC student's shape is the teacher's with "
+                       "hidden_size=student_hidden: drop student_config")
+    if cfg["method"] != "lrc" and cfg["activation_checkpointing"]:
+        raise LRCError(f"activation_checkpointing is implemented for method=lrc only: drop it for method={cfg['method']}")
     if cfg["student_config"] is not None:
         try:
             return Qwen2Config.from_dict({"model_type": "qwen2", **cfg["student_config"]})
@@ -374,74 +261,101 @@ def exported_shape(teacher_config: Qwen2Config, cfg) -> Qwen2Config:
     if teacher_config is None:
         raise LRCError("method=scratch without a teacher needs a shape: "
                        "student_config=dict(vocab_size=..., hidden_size=..., ...)")
-    if not 1 <= cfg["student_hidden"] <= teacher_config.hidden_size:
-        raise LRCError(f"student_hidden={cfg['student_hidden']} must be between 1 and the teacher's hidden_size "
-                       f"{teacher_config.hidden_size}: pick a smaller student_hidden")
-    return replace(teacher_config, hidden_size=cfg["student_hidden"], head_dim=teacher_config.head_dim,
-                   tie_word_embeddings=teacher_config.tie_word_embeddings and cfg["tie_proj"],
-                   extra=dict(teacher_config.extra))
+    return lrc.student_shape(teacher_config, cfg["student_hidden"], cfg["tie_proj"])
 
 
-def load_teacher(path, device, dtype):
-    """load_qwen2, with any read failure turned into a one-line error."""
-    try:
-        return lrc.load_qwen2(path, device=device, dtype=dtype)
-    except LRCError:
-        raise
-    except Exception as e:  # truncated safetensors, unreadable file, malformed config.json
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise LRCError(f"could not read the teacher {path!r} ({type(e).__name__}: {first}): "
-                       f"re-download or re-save the checkpoint") from None
-
-
-def teacher_fingerprint(path):
-    """A cheap identity of a checkpoint's weights: sha256 over each safetensors file's size and its first and
-    last MiB (header, and the first and last tensor bytes). Resuming with other weights is refused."""
-    h = hashlib.sha256()
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        size = os.path.getsize(file)
-        h.update(f"{os.path.basename(file)}:{size}".encode())
-        with open(file, "rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-    return h.hexdigest()
-
-
-def build_model(cfg, teacher_path, device, compute_dtype):
-    """(model, teacher_config or None, student_config). The model's float32 parameters are the trainable ones."""
-    method = cfg["method"]
-    teacher = teacher_config = None
-    if method in ("lrc", "kd"):
-        # bf16 teacher on GPU: it is frozen, so it needs no float32 master copy
-        teacher = load_teacher(teacher_path, device, compute_dtype)
-        teacher_config = teacher.config
-    elif teacher_path is not None:  # scratch: the teacher fixes the shape only; its weights are not read
-        teacher_config = Qwen2Config.from_pretrained(lrc.resolve_checkpoint(teacher_path))
-    if method == "lrc":
-        if cfg["student_config"] is not None:
-            raise LRCError("student_config is for kd/scratch; an LRC student's shape is the teacher's with "
-                           "hidden_size=student_hidden: drop student_config")
-        model = lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"],
-                        tau=cfg["tau"], init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
-        return model, teacher_config, model.student_config
-    if cfg["activation_checkpointing"]:
-        raise LRCError(f"activation_checkpointing is implemented for method=lrc only: drop it for method={method}")
-    student_config = exported_shape(teacher_config, cfg)
-    with torch.device(device):
+def build_model(cfg, teacher_dir, student_config, run):
+    """The module being trained. Its float32 parameters are the trainable ones; a bf16 teacher on GPU is
+    frozen, so it needs no float32 master copy."""
+    torch.manual_seed(cfg["seed"])  # identical initialisation on every rank (DDP also broadcasts rank 0's)
+    teacher = lrc.load_qwen2(teacher_dir, run.device, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
+    if cfg["method"] == "lrc":
+        return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
+                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
+    with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
-    return Baseline(student, teacher if method == "kd" else None, tau=cfg["tau"]), teacher_config, student_config
+    return lrc.Baseline(student, teacher, tau=cfg["tau"])
 
 
-def trainable_state(model, method):
-    """The checkpoint's model tensors by name: LRC's trainable parameters, or the whole student Qwen2
-    state dict with Hugging Face names (lm_head.weight omitted when tied)."""
-    if method == "lrc":
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state = dict(model.student.state_dict(keep_vars=True))
-    if model.student.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    return state
+@dataclass
+class Job:
+    """Everything one training job holds once built: what the loop trains and what a checkpoint records."""
+    run: Run
+    data: loader.TokenData
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # model, wrapped in DDP and/or compiled
+    ddp: object
+    optimizer: torch.optim.Optimizer
+    params: list                  # the trainable parameters, in the optimizer's order
+    model_state: dict             # {checkpoint name: tensor} (checkpoint.save_checkpoint's model_state)
+    identity: dict                # what a resumed run must match (checkpoint.check_resumable)
+    teacher: Optional[str]        # the teacher as given (a path or hub id), None for scratch
+    toy_paths: Optional[dict]
+    step: int = 0
+    tokens_seen: int = 0
+    saved: Optional[str] = None   # the latest checkpoint written or resumed from
+    t_start: float = field(default_factory=time.time)
+
+    def checkpoint_state(self, step):
+        """state.json of a checkpoint at `step` (format in checkpoint.py)."""
+        cfg = self.run.cfg
+        return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
+                "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
+                "data": {"path": self.data.path, "tokenizer_sha256": self.data.meta["tokenizer_sha256"],
+                         "n_tokens": len(self.data.train_tokens), "next_step": step, "sampler": loader.SAMPLER},
+                "world_size": self.run.world_size, "grad_accum": self.run.grad_accum, "lrc_version": 1}
+
+
+def build(cfg, run):
+    """Setup to a ready Job. Order matters: everything cheap that can refuse the run (output directory,
+    data, vocabulary, resume compatibility) comes before the teacher is trained (toy) or loaded."""
+    existing = checkpoint.check_out_dir(cfg["out_dir"], cfg["resume"], cfg["overwrite"])
+    toy_paths = toy_world(cfg, run)
+    data = loader.open_token_data(toy_paths["student_tokens"] if cfg["data"] == "toy" else cfg["data"],
+                                  cfg["seq_len"], bool(cfg["eval_tokens"]), run.rank, run.world_size, run.device)
+    cfg = run.cfg = dict(cfg, data=data.path)
+    teacher = os.path.join(cfg["out_dir"], "teacher") if cfg["teacher"] == "toy" else cfg["teacher"]
+    if cfg["method"] in ("lrc", "kd") and teacher is None:
+        raise LRCError(f"method={cfg['method']} needs a teacher: pass --teacher=DIR or a hub id")
+    teacher_dir = None
+    if teacher is not None and cfg["teacher"] != "toy":
+        teacher_dir = lrc.resolve_checkpoint(teacher)
+    teacher_config = teacher_config_of(cfg, teacher_dir, toy_paths) if teacher is not None else None
+    student_config = student_config_of(cfg, teacher_config)
+    loader.check_fits(data, student_config.vocab_size, teacher_dir, cfg["strict_tokenizer"], run.log)
+    if cfg["teacher"] == "toy":  # the expensive part of the toy run, once all else is known to be right
+        build_toy_teacher(cfg, toy_paths, teacher, os.path.join(cfg["out_dir"], "teacher_run"), run.log)
+        teacher_dir = teacher
+        teacher_config = Qwen2Config.from_pretrained(teacher_dir)  # as saved: what convert.py will compare
+    identity = {"method": cfg["method"], "teacher": teacher,
+                "teacher_config": teacher_config.to_dict() if cfg["method"] != "scratch" else None,
+                "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if cfg["method"] != "scratch"
+                else None, "student_config": student_config.to_dict(),
+                "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"]}
+    resume_from = None
+    if cfg["resume"]:
+        resume_from = checkpoint.read_checkpoint(existing)
+        checkpoint.check_resumable(resume_from[0], existing, identity)
+
+    model = build_model(cfg, teacher_dir, student_config, run)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
+    job = Job(run, data, model, model, None, optimizer, params, model.checkpoint_tensors(), identity,
+              teacher, toy_paths)
+    if resume_from is not None:
+        job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
+                                                       run.device)
+        job.saved = existing
+        run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
+    job.train_model, job.ddp = distributed.wrap(model, run.procs, run.use_compile)
+    if run.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        checkpoint.remove_stale_temporaries(cfg["out_dir"])
+        if not cfg["resume"]:
+            for old in checkpoint.list_checkpoints(cfg["out_dir"]):  # overwrite=True: the older run's go
+                shutil.rmtree(old)
+    return job
 
 
 # -----------------------------------------------------------------------------
@@ -458,199 +372,22 @@ def lr_at(step, max_steps, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: OUT/ckpt_{step:08d}/ with model.safetensors, optimizer.safetensors and state.json, written
-# to a temporary directory and renamed into place, so a kill during a save leaves the previous checkpoint
-# intact. Nothing is pickled.
-
-CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
-
-
-def list_checkpoints(out_dir):
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if CKPT_RE.match(n))
-
-
-def latest_checkpoint(out_dir):
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def _b64(tensor):
-    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
-
-
-def _unb64(text):
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def save_checkpoint(out_dir, step, model_state, optimizer, param_names, state, keep_last):
-    final = os.path.join(out_dir, f"ckpt_{step:08d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=out_dir)
-    try:
-        tensors = {n: t.detach().float().contiguous().cpu() for n, t in model_state.items()}
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        opt = {}
-        for param, name in param_names.items():
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value):
-                    opt[f"{key}.{name}"] = value.detach().float().contiguous().cpu()
-        save_file(opt, os.path.join(tmp, "optimizer.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        for name in os.listdir(tmp):  # on disk before the rename makes the checkpoint visible
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(final):  # the same step saved again (a rerun): swap, never a half-state
-            old = tempfile.mkdtemp(prefix=".tmp-old-", dir=out_dir)
-            os.replace(final, os.path.join(old, "ckpt"))
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(out_dir)[:-keep_last]:  # only after the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def read_checkpoint(path):
-    """(state dict from state.json, {name: tensor} of model.safetensors, of optimizer.safetensors)."""
-    try:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        tensors = []
-        for file in ("model.safetensors", "optimizer.safetensors"):
-            with safe_open(os.path.join(path, file), framework="pt") as f:
-                tensors.append({k: f.get_tensor(k) for k in f.keys()})
-    except (OSError, ValueError) as e:
-        raise LRCError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}): delete it to resume "
-                       f"from the one before") from None
-    except Exception as e:  # safetensors' own error type
-        raise LRCError(f"checkpoint {path} is unreadable ({type(e).__name__}): delete it to resume from the one "
-                       f"before") from None
-    return state, tensors[0], tensors[1]
-
-
-def check_resumable(state, path, cfg, teacher_config, student_config, fingerprint):
-    """One-line refusal when the checkpoint was made with another teacher, method or student shape."""
-    fix = f"pass the checkpoint's settings, or start a fresh run in another out_dir"
-
-    def first_difference(then, now):
-        then, now = then or {}, now or {}
-        keys = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-        return (keys[0], then.get(keys[0]), now.get(keys[0])) if keys else ("config", then, now)
-
-    def refuse(detail, hint=fix):
-        raise LRCError(f"cannot resume {path}: it was made with {detail}: {hint}")
-
-    if state.get("method") != cfg["method"]:
-        refuse(f"method={state.get('method')!r}, this run has {cfg['method']!r}",
-               f"pass --method={state.get('method')}")
-    if cfg["method"] == "lrc":
-        for key in ("student_hidden", "tie_proj"):
-            if state.get(key) != cfg[key]:
-                refuse(f"{key}={state.get(key)!r}, this run has {cfg[key]!r}", f"pass --{key}={state.get(key)!r}")
-    then_t = state.get("teacher_config")
-    now_t = teacher_config.to_dict() if teacher_config is not None and cfg["method"] != "scratch" else None
-    teacher_hint = f"pass --teacher={state.get('teacher')}, or start a fresh run in another out_dir"
-    if json.dumps(then_t, sort_keys=True) != json.dumps(now_t, sort_keys=True):
-        key, then, now = first_difference(then_t, now_t)
-        refuse(f"a different teacher ({key} {then!r} in the checkpoint, {now!r} now)", teacher_hint)
-    if state.get("teacher_fingerprint") != fingerprint:
-        refuse(f"other teacher weights (same config.json, different safetensors)", teacher_hint)
-    then_s, now_s = state.get("student_config"), student_config.to_dict()
-    if json.dumps(then_s, sort_keys=True) != json.dumps(now_s, sort_keys=True):
-        key, then, now = first_difference(then_s, now_s)
-        refuse(f"another student shape ({key} {then!r} in the checkpoint, {now!r} now)")
-
-
-# -----------------------------------------------------------------------------
-# The toy world: data, tokenizer and teacher built on first use, cached under out_dir.
-
-def toy_teacher_spec(cfg, vocab_size, eos_id):
-    return {"vocab_size": vocab_size, "hidden_size": cfg["toy_teacher_hidden"],
-            "intermediate_size": cfg["toy_teacher_ffn"], "num_hidden_layers": cfg["toy_teacher_layers"],
-            "num_attention_heads": cfg["toy_teacher_heads"], "num_key_value_heads": cfg["toy_teacher_kv_heads"],
-            # the context it is trained at: readers (eval_tiny) take it as the longest context to evaluate
-            "tie_word_embeddings": True, "max_position_embeddings": cfg["seq_len"], "rope_theta": 10000.0,
-            "eos_token_id": eos_id, "bos_token_id": eos_id}
-
-
-def prepare_toy(cfg, rank, log):
-    """Resolve teacher='toy' / data='toy': (teacher path, data dir, toy paths dict or None)."""
-    teacher, data, paths = cfg["teacher"], cfg["data"], None
-    if teacher != "toy" and data != "toy":
-        return teacher, data, None
-    from data.toy import build_toy
-    toy_dir = os.path.join(cfg["out_dir"], "data")
-    if rank == 0:
-        paths = build_toy(toy_dir)
-    barrier()
-    if rank != 0:
-        paths = build_toy(toy_dir)  # cached by rank 0: only reads
-    if data == "toy":
-        data = paths["student_tokens"]
-    if teacher == "toy":
-        teacher = os.path.join(cfg["out_dir"], "teacher")
-        from data.prepare import read_meta
-        meta = read_meta(paths["teacher_tokens"])
-        recipe = {"spec": toy_teacher_spec(cfg, meta["vocab_size"], meta["eos_id"]), "steps": cfg["toy_teacher_steps"],
-                  "lr": cfg["toy_teacher_lr"], "seed": cfg["seed"], "seq_len": cfg["seq_len"],
-                  "tokens_per_step": cfg["tokens_per_step"], "tokenizer_sha256": meta["tokenizer_sha256"]}
-        cached = None
-        if os.path.isfile(os.path.join(teacher, "config.json")):
-            with open(os.path.join(teacher, "config.json")) as f:
-                cached = json.load(f).get("lrc_toy_teacher")
-        if cached == recipe:
-            log(f"toy teacher: reusing {teacher} (delete it to retrain)")
-        else:
-            log(f"toy teacher: training a tiny Qwen2 from scratch ({recipe['spec']['num_hidden_layers']} layers, "
-                f"hidden {recipe['spec']['hidden_size']}, {recipe['steps']} steps) with method=scratch")
-            run = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
-                       out_dir=os.path.join(cfg["out_dir"], "teacher_run"), max_steps=recipe["steps"], max_tokens=None,
-                       stop_step=None, lr=recipe["lr"], min_lr=0.0, resume=False, overwrite=True, save_interval=0,
-                       keep_last=1, wandb_project=None, eval_interval=0,
-                       log_interval=max(cfg["log_interval"], recipe["steps"] // 8))  # a shorter log before the main run
-            summary = train(run, _prefix="[teacher] ")
-            if rank == 0:
-                _, weights, _ = read_checkpoint(summary["checkpoint"])
-                with torch.device("meta"):
-                    model = Qwen2(Qwen2Config.from_dict({"model_type": "qwen2", **recipe["spec"]}))
-                if model.config.tie_word_embeddings:
-                    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-                model.load_state_dict(weights, assign=True)
-                lrc.save_qwen2(model, teacher, extra_config={"lrc_toy_teacher": recipe})
-                for name in ("tokenizer.json", "tokenizer_config.json"):
-                    src = os.path.join(os.path.dirname(paths["tokenizer"]), name)
-                    if os.path.isfile(src):
-                        shutil.copy(src, os.path.join(teacher, name))
-                log(f"toy teacher: saved to {teacher} (built in {summary['wall_s']:.0f} s)")
-            barrier()
-    return teacher, data, paths
-
-
-# -----------------------------------------------------------------------------
 # Evaluation on the val split: consecutive windows, the student's losses with the teacher's targets.
 
 @torch.no_grad()
-def evaluate(model, val_tokens, cfg, rank, world_size, device, autocast):
-    seq_len, mbs = cfg["seq_len"], cfg["micro_batch_size"]
-    n_windows = min(cfg["eval_tokens"] // seq_len, (len(val_tokens) - 1) // seq_len)
-    sums = torch.zeros(4, device=device)  # kl, lm, clone, windows
-    mine = list(range(rank, n_windows, world_size))
+def evaluate(model, val_tokens, run):
+    seq_len, mbs = run.cfg["seq_len"], run.cfg["micro_batch_size"]
+    n_windows = min(run.cfg["eval_tokens"] // seq_len, (len(val_tokens) - 1) // seq_len)
+    sums = torch.zeros(3, device=run.device)  # kl, lm, clone, each summed over windows
+    mine = list(range(run.rank, n_windows, run.world_size))
     for i in range(0, len(mine), mbs):
         starts = np.array(mine[i:i + mbs]) * seq_len
-        windows = val_tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
-        x, y = to_device(windows[:, :-1], device), to_device(windows[:, 1:], device)
-        with autocast:
+        x, y = loader.windows_at(val_tokens, starts, seq_len, run.device)
+        with run.autocast():
             _, parts = model(x, y)
-        sums += torch.stack([parts["kl"].float(), parts["lm"].float(), parts["clone"].float(),
-                             torch.tensor(1.0, device=device)]) * len(starts)
-    sums[3] = len(mine)
-    kl, lm, clone, n = all_reduce(sums).tolist()
+        sums += torch.stack([parts["kl"].float(), parts["lm"].float(), parts["clone"].float()]) * len(starts)
+    count = torch.tensor([float(len(mine))], device=run.device)
+    kl, lm, clone, n = distributed.all_reduce(torch.cat([sums, count])).tolist()
     if n == 0:
         return None
     return {"val_kl": kl / n, "val_lm": lm / n, "val_clone": clone / n, "val_ppl": math.exp(min(lm / n, 50)),
@@ -658,273 +395,184 @@ def evaluate(model, val_tokens, cfg, rank, world_size, device, autocast):
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Metrics: metrics.jsonl (one JSON object per log or eval row), and Weights & Biases when asked. Rank 0 only.
 
-def train(cfg=None, _prefix=""):
+class Metrics:
+    def __init__(self, run, resume):
+        self.file = self.wandb = None
+        if not run.master:
+            return
+        self.file = open(os.path.join(run.cfg["out_dir"], "metrics.jsonl"), "a" if resume else "w")
+        if run.cfg["wandb_project"]:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=run.cfg["wandb_project"], name=run.cfg["wandb_run_name"], config=run.cfg)
+            except ImportError:
+                run.log("warning: wandb_project is set but wandb is not installed: logging to metrics.jsonl only")
+
+    def record(self, row):
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# -----------------------------------------------------------------------------
+# The loop. Losses and the first non-finite step stay on the device and are read only at log intervals,
+# so a step has no host sync.
+
+class Accumulators:
+    def __init__(self, device):
+        self.sums = torch.zeros(4, device=device)  # total, kl, lm, clone summed over steps since the last log
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        self.steps = 0
+
+    def add_micro(self, loss, parts, grad_accum):
+        self.sums += torch.stack([loss.detach().float(), parts["kl"].detach().float(),
+                                  parts["lm"].detach().float(), parts["clone"].detach().float()]) / grad_accum
+
+    def end_step(self, step, grad_norm):
+        """Remember the first step with a non-finite loss or gradient norm, still on the device."""
+        finite = torch.isfinite(self.sums.sum() + grad_norm)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+        self.steps += 1
+
+
+def check_finite(job, acc):
+    """All ranks agree whether any loss so far was non-finite; if so stop without saving."""
+    never = torch.full_like(acc.first_bad, 2**62)
+    bad = int(distributed.all_reduce(torch.where(acc.first_bad >= 0, acc.first_bad, never).clone(), "min").item())
+    if bad < 2**62:
+        where = f"the last good checkpoint is {job.saved}" if job.saved else "no checkpoint was written yet"
+        raise LRCError(f"non-finite loss at step {bad}; {where} (resume it with a lower lr: --resume --lr=...)")
+
+
+def save(job, acc):
+    check_finite(job, acc)
+    run = job.run
+    if run.master:
+        job.saved = checkpoint.save_checkpoint(
+            run.cfg["out_dir"], job.step, job.model_state,
+            checkpoint.optimizer_tensors(job.optimizer, {p: n for n, p in job.model_state.items()}),
+            job.checkpoint_state(job.step), run.cfg["keep_last"])
+    distributed.barrier()
+    job.saved = os.path.join(run.cfg["out_dir"], f"ckpt_{job.step:08d}")
+
+
+def log_step(job, acc, metrics, lr, grad_norm, elapsed):
+    """One log line and metrics row: losses averaged over the steps since the last one, all ranks."""
+    run, cfg = job.run, job.run.cfg
+    check_finite(job, acc)
+    loss, kl, lm, clone = (distributed.all_reduce(acc.sums.clone()) / (run.world_size * acc.steps)).tolist()
+    dt = max(1e-9, elapsed)
+    row = {"step": job.step, "tokens": job.tokens_seen, "loss": loss, "kl": kl, "lm": lm, "clone": clone, "lr": lr,
+           "grad_norm": float(grad_norm), "tokens_per_s": acc.steps * cfg["tokens_per_step"] / dt,
+           "ms_per_step": 1000 * dt / acc.steps, "time": round(time.time() - job.t_start, 2)}
+    run.log(f"step {job.step:>{len(str(run.max_steps))}}/{run.max_steps} | loss {loss:.4f} | kl {kl:.4f} | "
+            f"lm {lm:.4f} | clone {clone:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"{row['ms_per_step']:.0f} ms/step")
+    metrics.record(row)
+    acc.sums.zero_()
+    acc.steps = 0
+    return row
+
+
+def run_eval(job, metrics):
+    result = evaluate(job.model, job.data.val_tokens, job.run) if job.data.val_tokens is not None else None
+    if result is not None:
+        job.run.log(f"eval step {job.step} | val lm {result['val_lm']:.4f} (ppl {result['val_ppl']:.2f}) | "
+                    f"val kl {result['val_kl']:.4f} | val clone {result['val_clone']:.4f}")
+        metrics.record({"step": job.step, **result})
+    return result
+
+
+def train_loop(job, metrics):
+    """Optimizer steps from job.step to run.end_step. Returns (first log row, last log row, last val result)."""
+    run, cfg = job.run, job.run.cfg
+    windows = loader.TokenWindows(job.data.train_tokens, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"],
+                                  run.rank, run.world_size, run.grad_accum, run.device)
+    acc = Accumulators(run.device)
+    first = last = val = None
+    t_log, paused = time.time(), 0.0  # paused: seconds spent evaluating and saving since the last log line
+    x, y = windows.batch(job.step, 0)
+    job.train_model.train()
+    while job.step < run.end_step:
+        lr = lr_at(job.step, run.max_steps, cfg)
+        for group in job.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(run.grad_accum):
+            last_micro = micro == run.grad_accum - 1
+            # gradient all-reduce only on the last micro-step
+            with job.ddp.no_sync() if job.ddp is not None and not last_micro else nullcontext():
+                with run.autocast():
+                    loss, parts = job.train_model(x, y)
+                # fetch the next micro-batch while the device works
+                x, y = windows.batch(job.step, micro + 1) if not last_micro else windows.batch(job.step + 1, 0)
+                (loss / run.grad_accum).backward()
+            acc.add_micro(loss, parts, run.grad_accum)
+        # the global norm is computed (and logged) even without clipping: inf never clips
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.params, cfg["grad_clip"] or math.inf, foreach=True)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.step += 1
+        job.tokens_seen += cfg["tokens_per_step"]
+        acc.end_step(job.step, grad_norm)
+
+        if job.step == 1 or job.step % cfg["log_interval"] == 0 or job.step == run.end_step:
+            last = log_step(job, acc, metrics, lr, grad_norm, time.time() - t_log - paused)
+            first = first or last
+            t_log, paused = time.time(), 0.0
+        t_pause = time.time()
+        if cfg["eval_interval"] and job.step % cfg["eval_interval"] == 0 and job.step != run.max_steps:
+            val = run_eval(job, metrics) or val
+        if cfg["save_interval"] and job.step % cfg["save_interval"] == 0 and job.step != run.end_step:
+            save(job, acc)
+        paused += time.time() - t_pause
+    if job.step == run.end_step and job.saved != os.path.join(cfg["out_dir"], f"ckpt_{job.step:08d}"):
+        save(job, acc)
+    if job.step == run.max_steps:
+        val = run_eval(job, metrics) or val
+    return first, last, val
+
+
+# -----------------------------------------------------------------------------
+# Training: config -> setup -> build -> the loop -> summary
+
+def train(cfg=None, log_prefix=""):
     """Run one training job; cfg is a dict of overrides of DEFAULTS. Returns a summary dict."""
     cfg = make_config(cfg)
-    rank, local_rank, world_size, device, created_group = setup_distributed(cfg)
-    master = rank == 0
-
-    def log(msg):
-        if master:
-            print(_prefix + msg, flush=True)
-
+    run = setup(cfg, log_prefix)
     try:
-        return _train(cfg, rank, world_size, device, master, log, _prefix)
-    finally:
-        if created_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-def _train(cfg, rank, world_size, device, master, log, prefix):
-    method, out_dir = cfg["method"], cfg["out_dir"]
-    # the batch: tokens_per_step = seq_len * micro_batch_size * world_size * grad_accum, exactly
-    per_micro = cfg["seq_len"] * cfg["micro_batch_size"] * world_size
-    grad_accum = cfg["tokens_per_step"] // per_micro
-    if cfg["tokens_per_step"] % per_micro or grad_accum < 1:
-        raise LRCError(f"tokens_per_step={cfg['tokens_per_step']} is not a multiple of seq_len * micro_batch_size * "
-                       f"world_size = {cfg['seq_len']} * {cfg['micro_batch_size']} * {world_size} = {per_micro}: "
-                       f"change tokens_per_step or micro_batch_size")
-    if cfg["max_steps"] is None and cfg["max_tokens"] is None:
-        raise LRCError("set max_steps or max_tokens")
-    max_steps = cfg["max_steps"]
-    if max_steps is None:
-        max_steps = math.ceil(cfg["max_tokens"] / cfg["tokens_per_step"])
-    if max_steps < 1:
-        raise LRCError(f"the run has {max_steps} steps: raise max_steps or max_tokens")
-    if cfg["keep_last"] < 1:
-        raise LRCError("keep_last must be at least 1")
-
-    # A fresh run must not silently mix with an older run's checkpoints
-    existing = latest_checkpoint(out_dir)
-    if not cfg["resume"] and existing is not None and not cfg["overwrite"]:
-        raise LRCError(f"{out_dir} already holds checkpoints (latest {os.path.basename(existing)}): pass --resume to "
-                       f"continue, --overwrite=True to start over, or choose another --out_dir")
-    if cfg["resume"] and existing is None:
-        raise LRCError(f"--resume: no checkpoint in {out_dir!r} (ckpt_XXXXXXXX directories): run without --resume")
-
-    cfg_data_was_toy = cfg["data"] == "toy"
-    teacher_path, data_dir, toy = prepare_toy(cfg, rank, log)
-    t_start = time.time()  # the run's own time: building the toy world is reported by prepare_toy
-    cfg = dict(cfg, data=data_dir)
-    read_data_meta(data_dir)
-    if method in ("lrc", "kd") and teacher_path is None:
-        raise LRCError(f"method={method} needs a teacher: pass --teacher=DIR or a hub id")
-
-    # numerics: bf16 autocast on GPU (float32 masters), float32 on CPU
-    dtype_name = cfg["dtype"] if cfg["dtype"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    compute_dtype = lrc.as_dtype(dtype_name)
-    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext())
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    use_compile = cfg["compile"] if cfg["compile"] != "auto" else device.type == "cuda"
-
-    torch.manual_seed(cfg["seed"])  # identical initialisation on every rank (DDP also broadcasts rank 0's)
-    local_teacher = lrc.resolve_checkpoint(teacher_path) if teacher_path is not None else None
-    model, teacher_config, student_config = build_model(cfg, local_teacher, device, compute_dtype)
-    fingerprint = teacher_fingerprint(local_teacher) if method != "scratch" else None
-    vocab_size = student_config.vocab_size
-    train_tokens, val_tokens, meta = open_data(cfg, vocab_size, local_teacher, log)
-    check_token_range(train_tokens, vocab_size, os.path.join(data_dir, "train.bin"), rank, world_size, device)
-    if val_tokens is not None:
-        check_token_range(val_tokens, vocab_size, os.path.join(data_dir, "val.bin"), rank, world_size, device)
-
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    model_state = trainable_state(model, method)
-    param_names = {p: n for n, p in model_state.items()}  # the tied head is saved under its embedding's name
-    n_trainable = sum(p.numel() for p in params.values())
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
-
-    step, tokens_seen = 0, 0
-    if cfg["resume"]:
-        state, weights, opt_tensors = read_checkpoint(existing)
-        check_resumable(state, existing, cfg, teacher_config, student_config, fingerprint)
-        missing = sorted(set(model_state) - set(weights))
-        if missing:
-            raise LRCError(f"cannot resume {existing}: it lacks {missing[0]!r}; it was not written by this train.py")
-        with torch.no_grad():
-            for name, tensor in model_state.items():
-                tensor.copy_(weights[name])
-        opt_sd = optimizer.state_dict()
-        index = {name: i for i, name in enumerate(param_names[p] for p in params.values())}
-        opt_sd["state"] = {}
-        for key, tensor in opt_tensors.items():
-            field, _, name = key.partition(".")
-            opt_sd["state"].setdefault(index[name], {})[field] = tensor
-        optimizer.load_state_dict(opt_sd)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        torch.set_rng_state(_unb64(state["rng"]["torch_cpu"]))
-        if device.type == "cuda" and state["rng"].get("torch_cuda"):
-            torch.cuda.set_rng_state(_unb64(state["rng"]["torch_cuda"]), device)
-        log(f"resuming {existing} at step {step} ({tokens_seen:,} tokens seen)")
-
-    # DDP over the trainable parameters only: the frozen teacher is neither broadcast nor bucketed
-    train_model = model
-    ddp = None
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
-        frozen += [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=False, gradient_as_bucket_view=True)
-        train_model = ddp
-    if use_compile:
-        train_model = torch.compile(train_model)
-
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(out_dir, ".tmp-*")):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        if not cfg["resume"]:
-            for old in list_checkpoints(out_dir):  # overwrite=True: the previous run's checkpoints go
-                shutil.rmtree(old)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    metrics = open(metrics_path, "a" if cfg["resume"] else "w") if master else None
-    wandb_run = None
-    if master and cfg["wandb_project"]:
+        job = build(cfg, run)
+        cfg = run.cfg
+        run.log(f"method {cfg['method']} | teacher {job.teacher} | data {job.data.path} | device {run.device} x "
+                f"{run.world_size} | dtype {run.dtype_name} | compile {run.use_compile}")
+        run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
+                f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
+                f"{cfg['tokens_per_step']:,} tokens/step | steps {job.step} -> {run.end_step} of {run.max_steps} | "
+                f"lr {cfg['lr']:g} {cfg['decay']}")
+        job.t_start = time.time()  # the run's own time: building the toy teacher is reported on its own
+        metrics = Metrics(run, cfg["resume"])
         try:
-            import wandb
-            wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-        except ImportError:
-            log("warning: wandb_project is set but wandb is not installed: logging to metrics.jsonl only")
-
-    def record(row):
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if wandb_run is not None:
-                wandb_run.log(row, step=row["step"])
-
-    end_step = min(max_steps, cfg["stop_step"]) if cfg["stop_step"] is not None else max_steps
-    log(f"method {method} | teacher {teacher_path} | data {data_dir} | device {device} x {world_size} | "
-        f"dtype {dtype_name} | compile {use_compile}")
-    log(f"{n_trainable:,} trainable parameters | {cfg['micro_batch_size']} seq x {cfg['seq_len']} tokens x "
-        f"{world_size} ranks x {grad_accum} micro-steps = {cfg['tokens_per_step']:,} tokens/step | "
-        f"steps {step} -> {end_step} of {max_steps} | lr {cfg['lr']:g} {cfg['decay']}")
-
-    windows = TokenWindows(train_tokens, cfg, rank, world_size, grad_accum, device)
-    # Device-side accumulators, read only at log intervals: no host sync inside a step
-    sums = torch.zeros(4, device=device)            # total, kl, lm, clone summed over steps since the last log
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)   # first step with a non-finite loss
-    grad_norm = torch.zeros((), device=device)
-    steps_since, t_log = 0, time.time()
-    first = last = val = None
-    saved = existing if cfg["resume"] else None
-
-    def check_finite():
-        """All ranks agree whether any loss so far was non-finite; if so stop without saving."""
-        bad = all_reduce(torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, 2**62)).clone(), "min")
-        if int(bad.item()) < 2**62:
-            where = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
-            raise LRCError(f"non-finite loss at step {int(bad.item())}; {where} (resume it with a lower lr: "
-                           f"--resume --lr=...)")
-
-    def save(step_now):
-        nonlocal saved
-        check_finite()
-        if master:
-            state = {"step": step_now, "tokens_seen": tokens_seen, "method": method, "teacher": teacher_path,
-                     "teacher_config": teacher_config.to_dict() if method != "scratch" else None,
-                     "teacher_fingerprint": fingerprint, "student_config": student_config.to_dict(),
-                     "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"],
-                     "max_steps": max_steps, "config": dict(cfg, resume=False),
-                     "rng": {"torch_cpu": _b64(torch.get_rng_state()),
-                             "torch_cuda": _b64(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None},
-                     "data": {"path": data_dir, "tokenizer_sha256": meta["tokenizer_sha256"],
-                              "n_tokens": len(train_tokens), "next_step": step_now,
-                              "sampler": "offsets = numpy.random.default_rng([seed, step]).integers(0, n_tokens - "
-                                         "seq_len, tokens_per_step // seq_len); rank r, micro-step m reads rows "
-                                         "(m * world_size + r) * micro_batch_size onwards"},
-                     "world_size": world_size, "grad_accum": grad_accum, "lrc_version": 1}
-            saved = save_checkpoint(out_dir, step_now, model_state, optimizer, param_names, state, cfg["keep_last"])
-        barrier()
-        saved = saved if master else os.path.join(out_dir, f"ckpt_{step_now:08d}")
-
-    def run_eval():
-        result = evaluate(model, val_tokens, cfg, rank, world_size, device, autocast)
-        if result is not None:
-            log(f"eval step {step} | val lm {result['val_lm']:.4f} (ppl {result['val_ppl']:.2f}) | "
-                f"val kl {result['val_kl']:.4f} | val clone {result['val_clone']:.4f}")
-            record({"step": step, **result})
-        return result
-
-    train_model.train()
-    paused = 0.0  # seconds spent evaluating and saving since the last log line: not training throughput
-    x, y = windows.batch(step, 0)
-    try:
-        while step < end_step:
-            lr = lr_at(step, max_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(grad_accum):
-                last_micro = micro == grad_accum - 1
-                # gradient all-reduce only on the last micro-step
-                sync = ddp.no_sync() if ddp is not None and not last_micro else nullcontext()
-                with sync:
-                    with autocast:
-                        loss, parts = train_model(x, y)
-                    # fetch the next micro-batch while the device works
-                    x, y = windows.batch(step, micro + 1) if not last_micro else windows.batch(step + 1, 0)
-                    (loss / grad_accum).backward()
-                sums += torch.stack([loss.detach().float(), parts["kl"].detach().float(),
-                                     parts["lm"].detach().float(), parts["clone"].detach().float()]) / grad_accum
-            # the global norm is computed (and logged) even without clipping: inf never clips
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg["grad_clip"] or math.inf,
-                                                       foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # remember the first step with a non-finite loss or gradient norm, still on the device
-            finite = torch.isfinite(sums.sum() + grad_norm)
-            first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
-            step += 1
-            tokens_seen += cfg["tokens_per_step"]
-            steps_since += 1
-
-            if step == 1 or step % cfg["log_interval"] == 0 or step == end_step:
-                check_finite()
-                values = (all_reduce(sums.clone()) / (world_size * steps_since)).tolist()
-                dt = max(1e-9, time.time() - t_log - paused)
-                row = {"step": step, "tokens": tokens_seen, "loss": values[0], "kl": values[1], "lm": values[2],
-                       "clone": values[3], "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": steps_since * cfg["tokens_per_step"] / dt,
-                       "ms_per_step": 1000 * dt / steps_since, "time": round(time.time() - t_start, 2)}
-                log(f"step {step:>{len(str(max_steps))}}/{max_steps} | loss {row['loss']:.4f} | kl {row['kl']:.4f} | "
-                    f"lm {row['lm']:.4f} | clone {row['clone']:.4f} | lr {lr:.2e} | "
-                    f"{row['tokens_per_s']:,.0f} tok/s | {row['ms_per_step']:.0f} ms/step")
-                record(row)
-                first = first or row
-                last = row
-                sums.zero_()
-                steps_since, t_log, paused = 0, time.time(), 0.0
-            t_pause = time.time()
-            if val_tokens is not None and cfg["eval_interval"] and step % cfg["eval_interval"] == 0 \
-                    and step != max_steps:
-                val = run_eval()
-            if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step != end_step:
-                save(step)
-            paused += time.time() - t_pause
-
-        if step == end_step and (saved is None or not saved.endswith(f"ckpt_{step:08d}")):
-            save(step)
-        if val_tokens is not None and step == max_steps:
-            val = run_eval()
-    finally:
-        if master:
+            first, last, val = train_loop(job, metrics)
+        finally:
             metrics.close()
-            if wandb_run is not None:
-                wandb_run.finish()
-    wall = time.time() - t_start
-    summary = {"method": method, "out_dir": out_dir, "checkpoint": saved, "step": step, "max_steps": max_steps,
-               "tokens_seen": tokens_seen, "first": first, "last": last, "val": val, "wall_s": wall,
-               "teacher": teacher_path, "data": data_dir, "trainable_params": n_trainable,
-               "toy": toy if cfg_data_was_toy else None}
-    if not prefix:
-        print_summary(summary, log)
+    finally:
+        distributed.close(run.procs)
+    summary = {"method": cfg["method"], "out_dir": cfg["out_dir"], "checkpoint": job.saved, "step": job.step,
+               "max_steps": run.max_steps, "tokens_seen": job.tokens_seen, "first": first, "last": last, "val": val,
+               "wall_s": time.time() - job.t_start, "teacher": job.teacher, "data": job.data.path,
+               "trainable_params": sum(p.numel() for p in job.params),
+               "toy": job.toy_paths if job.toy_paths and job.data.path == job.toy_paths["student_tokens"] else None}
+    if not log_prefix:
+        print_summary(summary, run.log)
     return summary
 
 
@@ -940,7 +588,7 @@ def print_summary(s, log):
             f"{s['val']['val_windows']} windows")
     log(f"checkpoint: {s['checkpoint']}")
     if s["step"] < s["max_steps"]:
-        log(f"continue:   python train.py <same arguments> --resume")
+        log("continue:   python train.py <same arguments> --resume")
     student_hf = os.path.join(s["out_dir"], "student_hf")
     log("next:")
     log(f"  python convert.py --ckpt={s['out_dir']} --out={student_hf}")
@@ -956,13 +604,8 @@ def print_summary(s, log):
 
 
 def main(argv):
-    try:
-        train(parse_args(argv))
-    except LRCError as e:
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

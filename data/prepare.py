@@ -40,7 +40,8 @@ import numpy as np
 
 if __name__ == "__main__":  # run as a script: make lrc.py (in the repository root) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lrc import LRCError
+from configurator import run_main
+from lrc import LRCError, atomic_file
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u4")  # little-endian uint32 whatever the machine (spec section 7)
@@ -469,11 +470,9 @@ def prepare(tokenizer, inputs, out, text_field="text", val_fraction=0.0, num_pro
             "empty_documents_skipped": n_empty,
             "format_version": FORMAT_VERSION,
         }
-        tmp_meta = meta_path + f".tmp{os.getpid()}"
-        with open(tmp_meta, "w", encoding="utf-8") as f:
+        with atomic_file(meta_path) as f:  # last: its presence marks the directory complete
             json.dump(meta, f, indent=2)
             f.write("\n")
-        os.replace(tmp_meta, meta_path)  # last: its presence marks the directory complete
         return meta
     finally:
         if pool is not None:
@@ -531,23 +530,17 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        return 0
-    try:
-        args = parse_args(argv)
-        meta = prepare(args["tokenizer"], args["input"], args["out"], text_field=args["text_field"],
-                       val_fraction=args["val_fraction"], num_proc=args["num_proc"], batch_size=args["batch_size"],
-                       txt_split=args["txt_split"], val_inputs=args["val_input"], eos_token=args["eos_token"])
-    except LRCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return
+    args = parse_args(argv)
+    meta = prepare(args["tokenizer"], args["input"], args["out"], text_field=args["text_field"],
+                   val_fraction=args["val_fraction"], num_proc=args["num_proc"], batch_size=args["batch_size"],
+                   txt_split=args["txt_split"], val_inputs=args["val_input"], eos_token=args["eos_token"])
     print(f"wrote {args['out']}: " + ", ".join(f"{s} {n:,} tokens" for s, n in meta["n_tokens"].items())
           + f" (vocab {meta['vocab_size']}, eos {meta['eos_token']!r})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -29,8 +29,9 @@ import sys
 
 if __name__ == "__main__":  # run as a script: make lrc.py and the data package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lrc import LRCError
-from data.prepare import prepare
+from configurator import Keys, run_main
+from lrc import LRCError, atomic_file
+from data.prepare import prepare, read_meta
 
 TOY_VERSION = 1  # bump when the generator changes: cached builds of another version are rebuilt
 EOS_TOKEN = "<|endoftext|>"
@@ -237,10 +238,8 @@ def question(fact, rng):
 # files
 
 def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def documents_text(docs):
@@ -357,46 +356,55 @@ def build_toy(out_dir, seed=1337, **sizes):
     return {**paths, "manifest_data": manifest}
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+# -----------------------------------------------------------------------------
+# the toy teacher's recipe: train.py trains it (method=scratch, on teacher.txt) and caches it by this recipe
+
+def toy_teacher_spec(cfg, vocab_size, eos_id):
+    """config.json fields of the toy teacher, from train.py's toy_teacher_* keys."""
+    return {"vocab_size": vocab_size, "hidden_size": cfg["toy_teacher_hidden"],
+            "intermediate_size": cfg["toy_teacher_ffn"], "num_hidden_layers": cfg["toy_teacher_layers"],
+            "num_attention_heads": cfg["toy_teacher_heads"], "num_key_value_heads": cfg["toy_teacher_kv_heads"],
+            # the context it is trained at: readers (eval_tiny) take it as the longest context to evaluate
+            "tie_word_embeddings": True, "max_position_embeddings": cfg["seq_len"], "rope_theta": 10000.0,
+            "eos_token_id": eos_id, "bos_token_id": eos_id}
+
+
+def toy_teacher_recipe(cfg, paths):
+    """Everything the toy teacher's weights depend on (train.py keys and the toy world's sizes): a cached
+    teacher with another recipe is retrained."""
+    meta = read_meta(paths["teacher_tokens"])
+    return {"spec": toy_teacher_spec(cfg, meta["vocab_size"], meta["eos_id"]), "steps": cfg["toy_teacher_steps"],
+            "lr": cfg["toy_teacher_lr"], "seed": cfg["seed"], "seq_len": cfg["seq_len"],
+            "tokens_per_step": cfg["tokens_per_step"], "micro_batch_size": cfg["micro_batch_size"],
+            "warmup_ratio": cfg["warmup_ratio"], "tokenizer_sha256": meta["tokenizer_sha256"],
+            "toy": paths["manifest_data"]["sizes"]}
+
+
+def is_cached_teacher(teacher_dir, recipe):
+    """teacher_dir holds a toy teacher saved with this recipe (in its config.json's lrc_toy_teacher)."""
+    try:
+        with open(os.path.join(teacher_dir, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("lrc_toy_teacher") == recipe
+    except (OSError, ValueError):
+        return False
+
+
+def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        return 0
-    out, seed, sizes = None, 1337, {}
-    try:
-        for word in argv:
-            key, eq, value = word.lstrip("-").partition("=")
-            if not word.startswith("--") or not eq:
-                raise LRCError(f"unexpected argument {word!r}: use --out=DIR [--seed=N] "
-                               + " ".join(f"[--{k}=N]" for k in DEFAULT_SIZES))
-            if key == "out":
-                out = value
-            elif key == "seed" or key in DEFAULT_SIZES:
-                try:
-                    number = int(value)
-                except ValueError:
-                    raise LRCError(f"--{key}={value!r} is not an integer") from None
-                if key == "seed":
-                    seed = number
-                else:
-                    sizes[key] = number
-            else:
-                raise LRCError(f"unknown option --{key}: the options are --out, --seed, "
-                               + ", ".join(f"--{k}" for k in DEFAULT_SIZES))
-        if out is None:
-            raise LRCError("--out=DIR is required")
-        result = build_toy(out, seed=seed, **sizes)
-    except LRCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return
+    options = Keys({"out": "", "seed": 1337, **DEFAULT_SIZES}, where_listed="data/toy.py's docstring").parse(argv)
+    out, seed = options.pop("out"), options.pop("seed")
+    if not out:
+        raise LRCError("--out=DIR is required: python data/toy.py --out=DIR [--seed=N] [--n_entities=N ...]")
+    result = build_toy(out, seed=seed, **options)
     for key, value in result.items():
         if key != "manifest_data":
             print(f"{key}: {value}")
     m = result["manifest_data"]
     print(f"tokens: teacher {m['n_tokens']['teacher']}, student {m['n_tokens']['student']}; "
           f"vocab {m['vocab_size']}; facts {m['n_facts']}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,4 +1,4 @@
-"""data/toy_compare.py (issue 6) at a tiny size: the one command runs end to end, every method gets the same
+"""experiments/toy_compare.py at a tiny size: the one command runs end to end, every method gets the same
 data, budget and learning-rate rule, the curves measure what eval_tiny measures, finished runs are reused,
 and the table prints without matplotlib. A few seconds of training in all."""
 import json
@@ -10,7 +10,8 @@ import pytest
 
 import eval_tiny
 import train
-from data import toy_compare
+from configurator import run_main
+from experiments import toy_compare
 
 TINY = ["--seeds=2", "--sweep.lr=1e-2,3e-2", "--sweep.tau=1,40", "--threads=1",
         # toy world and teacher
@@ -109,7 +110,7 @@ def test_finished_runs_are_reused(compared, monkeypatch, capsys):
                                         ("--eval_interval=0", "validation curves"), ("--n_entities=many", "integer"),
                                         ("--no_such_key=1", "unknown config key")])
 def test_bad_arguments_are_one_line_errors(arg, words, capsys, tmp_path):
-    assert toy_compare.main([f"--out={tmp_path}", arg]) == 2
+    assert run_main(toy_compare.main, [f"--out={tmp_path}", arg]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err
 

@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lrc
-from convert import convert, load_checkpoint, parse_size
+from checkpoint import load_checkpoint, teacher_fingerprint
+from convert import convert, parse_size
 from test_lrc import randomize_
-from train import teacher_fingerprint
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

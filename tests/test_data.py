@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from data.prepare import goes_to_val, load_tokenizer, open_tokens, prepare, read_meta, tokenizer_sha256
 from data.prepare import main as prepare_main
 from data.toy import ATTRIBUTES, CITIES, DEFAULT_SIZES, build_toy
+from configurator import run_main
 from lrc import LRCError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,7 +342,7 @@ def test_cli(toy, docs, tmp_path, capsys):
     for argv, fragment in ((["--input=nope.jsonl"], "nope.jsonl"), ([f"--input={a}", "--num_proc=x"], "--num_proc"),
                            ([f"--input={a}", "--colour=red"], "unknown option --colour")):
         capsys.readouterr()
-        assert prepare_main([f"--tokenizer={toy['root']}", f"--out={tmp_path / 'x'}"] + argv) == 2
+        assert run_main(prepare_main, [f"--tokenizer={toy['root']}", f"--out={tmp_path / 'x'}"] + argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
 

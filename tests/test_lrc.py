@@ -2,7 +2,7 @@
 checkpoint format; the LRC losses are recomputed here from scratch with plain torch.
 
 Tiny models only (hidden 32-64, 2 layers, vocab ~100) so the file runs in well under 3 minutes on 2 CPU
-cores. Section numbers refer to LRC_SPEC.md.
+cores. Section numbers refer to docs/spec.md.
 """
 import collections
 import fnmatch

@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import lrc
 import train
+from data import loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
@@ -144,9 +146,9 @@ def test_schedule_warmup_then_decay():
 
 
 def test_window_sampling_is_a_pure_function_of_seed_and_step():
-    a = train.window_offsets(1, 5, 8, 1000, 16)
-    assert np.array_equal(a, train.window_offsets(1, 5, 8, 1000, 16))
-    assert not np.array_equal(a, train.window_offsets(1, 6, 8, 1000, 16))
+    a = loader.window_offsets(1, 5, 8, 1000, 16)
+    assert np.array_equal(a, loader.window_offsets(1, 5, 8, 1000, 16))
+    assert not np.array_equal(a, loader.window_offsets(1, 6, 8, 1000, 16))
     assert a.min() >= 0 and a.max() <= 1000 - 17
 
 
@@ -225,7 +227,7 @@ def test_resume_is_bit_identical(world, tmp_path):
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint(world, tmp_path, monkeypatch):
     straight = train.train(config(world, tmp_path / "straight", max_steps=6))
     calls = {"n": 0}
-    real_save = train.save_file
+    real_save = checkpoint.save_file
 
     def failing_save(tensors_, path, metadata=None):
         calls["n"] += 1
@@ -236,14 +238,14 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(world, tmp_path, m
         return real_save(tensors_, path, metadata=metadata)
 
     out = tmp_path / "crash"
-    monkeypatch.setattr(train, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         train.train(config(world, out, max_steps=6, save_interval=2))
-    monkeypatch.setattr(train, "save_file", real_save)
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(out))] == ["ckpt_00000002"]
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["ckpt_00000002"]
     assert not glob.glob(str(out / ".tmp-*"))
     os.makedirs(out / ".tmp-ckpt-killed")  # what a kill -9 mid-save would leave: ignored, then cleaned up
-    train.read_checkpoint(train.latest_checkpoint(str(out)))
+    checkpoint.read_checkpoint(checkpoint.latest_checkpoint(str(out)))
     resumed = train.train(config(world, out, max_steps=6, resume=True))
     assert not glob.glob(str(out / ".tmp-*"))
     a, b = tensors(straight["checkpoint"]), tensors(resumed["checkpoint"])
@@ -252,7 +254,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(world, tmp_path, m
 
 def test_keep_last(world, tmp_path):
     train.train(config(world, tmp_path, max_steps=5, save_interval=1, keep_last=2))
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_00000004", "ckpt_00000005"]
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == ["ckpt_00000004", "ckpt_00000005"]
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     message = assert_one_line(e)
     good = os.path.join(str(out), "ckpt_00000004")
     assert message.startswith(f"non-finite loss at step 5; the last good checkpoint is {good}")
-    assert train.list_checkpoints(str(out)) == [os.path.join(str(out), "ckpt_00000002"), good]
+    assert checkpoint.list_checkpoints(str(out)) == [os.path.join(str(out), "ckpt_00000002"), good]
     assert all(torch.isfinite(t).all() for t in tensors(good).values())
 
 

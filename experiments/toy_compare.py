@@ -1,7 +1,7 @@
 """
 LRC against KD and training from scratch, at equal tokens, in the toy world (issue 6). One command:
 
-    python data/toy_compare.py [--out=out/compare] [--seeds=3] [--threads=N] [--plot=PNG]
+    python experiments/toy_compare.py [--out=out/compare] [--seeds=3] [--threads=N] [--plot=PNG]
         [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...] [--kd.key=value ...]
         [--sweep.key=V1,V2,... ...]
 
@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -41,13 +40,13 @@ if __name__ == "__main__":  # run as a script: make lrc.py, train.py and the dat
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
+import checkpoint
 import eval_tiny
-import lrc
 import train
-from convert import load_checkpoint
+from configurator import run_main
 from data.prepare import load_tokenizer, read_meta
-from data.toy import DEFAULT_SIZES, build_toy
-from lrc import LRCError
+from data.toy import DEFAULT_SIZES, build_toy, toy_teacher_recipe
+from lrc import LRCError, atomic_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "config", "toy_compare.py")
@@ -60,7 +59,7 @@ RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR
             "resume": "finished runs are reused automatically", "stop_step": "every run goes to max_steps"}
 # Each method's learning rate and KL temperature: the winners of one equal sweep, the same grid for every
 # method on the first seed at the preset's budget (README: the sweep's numbers), made with
-#     python data/toy_compare.py --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
+#     python experiments/toy_compare.py --sweep.lr=1e-3,3e-3,1e-2,3e-2 --sweep.tau=1,40
 # KD's best tau is 1; LRC's is the spec's 40. A --key=value on the command line replaces these for all
 # methods; --kd.tau=4 replaces one method's.
 PER_METHOD = {"lrc": {"lr": 1e-2, "tau": 40.0}, "kd": {"lr": 3e-3, "tau": 1.0}, "scratch": {"lr": 3e-3}}
@@ -123,14 +122,7 @@ def parse_args(argv):
 
 def _train_value(key, text, arg):
     """A --sweep.KEY / --METHOD.KEY value, parsed and checked as train.py parses --KEY=text."""
-    import ast
-    if key not in train.DEFAULTS:
-        train.check_value(key, None, arg)  # raises: unknown key, with close matches
-    try:
-        value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        value = text.strip()
-    return train.check_value(key, value, arg)
+    return train.KEYS.parse_value(key, text.strip(), arg)
 
 
 def _int(key, value):
@@ -143,39 +135,19 @@ def _int(key, value):
 # -----------------------------------------------------------------------------
 # the teacher: trained once by train.py (method=scratch on the teacher's text), saved as a Qwen2 directory
 
-def teacher_recipe(cfg, paths):
-    meta = read_meta(paths["teacher_tokens"])
-    spec = train.toy_teacher_spec(cfg, meta["vocab_size"], meta["eos_id"])
-    return {"spec": spec, "steps": cfg["toy_teacher_steps"], "lr": cfg["toy_teacher_lr"], "seed": cfg["seed"],
-            "seq_len": cfg["seq_len"], "tokens_per_step": cfg["tokens_per_step"],
-            "micro_batch_size": cfg["micro_batch_size"], "warmup_ratio": cfg["warmup_ratio"],
-            "tokenizer_sha256": meta["tokenizer_sha256"], "toy": paths["manifest_data"]["sizes"]}
-
-
 def get_teacher(cfg, paths, out, say):
-    """OUT/teacher (a Qwen2 directory with the toy tokenizer), trained unless a cached one has this recipe."""
-    teacher_dir = os.path.join(out, "teacher")
-    recipe = teacher_recipe(cfg, paths)
-    config_file = os.path.join(teacher_dir, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            if json.load(f).get("lrc_toy_teacher") == recipe:
-                say(f"teacher: reusing {teacher_dir}")
-                return teacher_dir
-    run_dir = os.path.join(out, "teacher_run")
+    """OUT/teacher (a Qwen2 directory with the toy tokenizer), trained by train.py's own toy-teacher function
+    (method=scratch on the teacher's text, log in OUT/teacher_run/train.log) unless a cached one has this recipe."""
+    teacher_dir, run_dir = os.path.join(out, "teacher"), os.path.join(out, "teacher_run")
     os.makedirs(run_dir, exist_ok=True)
-    say(f"teacher: training a {recipe['spec']['num_hidden_layers']}-layer, hidden-{recipe['spec']['hidden_size']} "
-        f"Qwen2 from scratch on the teacher's text, {recipe['steps']} steps x {cfg['tokens_per_step']:,} tokens "
+    recipe = toy_teacher_recipe(cfg, paths)
+    say(f"teacher: {recipe['spec']['num_hidden_layers']}-layer, hidden-{recipe['spec']['hidden_size']} Qwen2 from "
+        f"scratch on the teacher's text, {recipe['steps']} steps x {cfg['tokens_per_step']:,} tokens "
         f"(log: {os.path.join(run_dir, 'train.log')})")
-    run = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
-               out_dir=run_dir, max_steps=recipe["steps"], max_tokens=None, stop_step=None, lr=recipe["lr"],
-               resume=False, overwrite=True, save_interval=0, keep_last=1, eval_interval=0, wandb_project=None)
-    summary = quiet_train(run, os.path.join(run_dir, "train.log"))
-    model, _ = load_checkpoint(summary["checkpoint"])
-    lrc.save_qwen2(model, teacher_dir, extra_config={"lrc_toy_teacher": recipe})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(paths["tokenizer_dir"], name), os.path.join(teacher_dir, name))
-    say(f"teacher: {summary['tokens_seen']:,} tokens in {summary['wall_s']:.0f} s, saved to {teacher_dir}")
+    with open(os.path.join(run_dir, "train.log"), "a") as log, contextlib.redirect_stdout(log):
+        summary = train.build_toy_teacher(cfg, paths, teacher_dir, run_dir)
+    say(f"teacher: reusing {teacher_dir}" if summary is None else
+        f"teacher: {summary['tokens_seen']:,} tokens in {summary['wall_s']:.0f} s, saved to {teacher_dir}")
     return teacher_dir
 
 
@@ -214,7 +186,7 @@ def train_student(cfg, method, seed, settings, teacher_dir, paths, out, say=lamb
                out_dir=run_dir, resume=False, overwrite=True, stop_step=None, save_interval=0, keep_last=1,
                wandb_project=None)
     # what makes a finished run reusable: the same settings, teacher weights and toy world
-    identity = {"config": run, "teacher_fingerprint": train.teacher_fingerprint(teacher_dir),
+    identity = {"config": run, "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir),
                 "toy": paths["manifest_data"]["sizes"]}
     marker = os.path.join(run_dir, "compare_run.json")
     if os.path.isfile(marker):
@@ -239,10 +211,8 @@ def train_student(cfg, method, seed, settings, teacher_dir, paths, out, say=lamb
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -481,7 +451,7 @@ def compare(argv):
     say(f"plot: {png}" if png else "plot: skipped, matplotlib is not installed (pip install matplotlib); the "
                                    "table above and results.json hold every number")
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
-    results = {"command": "python data/toy_compare.py " + " ".join(argv), "seeds": seeds, "settings": settings,
+    results = {"command": "python experiments/toy_compare.py " + " ".join(argv), "seeds": seeds, "settings": settings,
                "sweep": sweep, "sweep_runs": sweep_rows, "toy_sizes": sizes, "student_config": cfg,
                "budget_tokens": budget, "teacher": {"dir": teacher_dir, "train_tokens": teacher_tokens, **teacher_eval},
                "runs": records, "summary": summary, "table": text, "plot": png, "wall_s": wall, "cpu_s": cpu,
@@ -491,18 +461,12 @@ def compare(argv):
     return results
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        return 0
-    try:
-        compare(argv)
-    except LRCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return
+    compare(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
