@@ -1,5 +1,5 @@
 """
-How close one LRC training step comes to its floor, measured side by side in one run (issue 5).
+How close one LRC training step comes to its floor, measured side by side in one run.
 
 An LRC step can never cost less than a teacher forward pass plus one training step of the plain
 student it produces: that sum is the floor. On random weights and random tokens bench.py times, with
@@ -13,7 +13,7 @@ warm-up, for one shape:
       student's q/k/v per token as W @ (P @ x) instead of with generated weights
 and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on GPU, MFU.
 
-  python bench.py --shape=mid                         # CPU-sized shape (the issue's targets)
+  python bench.py --shape=mid                         # CPU-sized shape
   python bench.py --shape=qwen2.5-3b                  # one H100/H200: Qwen2.5-3B -> d_s 1200 at seq 2048
   python bench.py --shape=mid --checkpoint=True       # also (c) with activation checkpointing
   python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048

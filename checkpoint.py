@@ -56,8 +56,8 @@ def find_checkpoint(path: str) -> str:
     if os.path.isfile(os.path.join(path, "state.json")):
         return path
     if not os.path.isdir(path):
-        raise LRCError(f"checkpoint {path!r} does not exist: pass a training output directory or one of its "
-                       f"ckpt_* directories")
+        raise LRCError(f"checkpoint {path!r} {'is a file' if os.path.exists(path) else 'does not exist'}: pass a "
+                       f"training output directory or one of its ckpt_* directories")
     found = [c for c in list_checkpoints(path) if os.path.isfile(os.path.join(c, "state.json"))]
     if not found:
         raise LRCError(f"{path!r} holds no ckpt_*/state.json: pass a training output directory (train.py "
@@ -72,15 +72,7 @@ def check_out_dir(out_dir, resume=False, overwrite=True):
     """The latest checkpoint to resume from (or None), after refusing a training output directory that cannot
     hold a run: a regular file, or a path that cannot be created or written; a fresh run over an older run's
     checkpoints without overwrite; --resume with nothing to resume."""
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        what = "is a file" if parent == os.path.abspath(out_dir) else f"is inside the file {parent!r}"
-        raise LRCError(f"out_dir={out_dir!r} {what}, not a directory: pass --out_dir=DIR for a new or existing "
-                       f"directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LRCError(f"out_dir={out_dir!r} cannot be written ({parent!r} is not writable): choose another --out_dir")
+    lrc.check_writable_dir(out_dir, "--out_dir")
     existing = latest_checkpoint(out_dir)
     if not resume and existing is not None and not overwrite:
         raise LRCError(f"{out_dir} already holds checkpoints (latest {os.path.basename(existing)}): pass --resume to "

@@ -45,6 +45,7 @@ def parse_size(text) -> int:
 def check_out_dir(out: str, protected: list):
     """--out is replaced, so it must not hold (or be inside of) anything else: refuse the training output,
     the teacher, or a non-empty directory that is not an earlier conversion."""
+    lrc.check_writable_dir(out)
     real_out = os.path.realpath(out)
     for path in protected:
         real = os.path.realpath(path)

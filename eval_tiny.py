@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import lrc
 from checkpoint import find_checkpoint, load_checkpoint, tokenizer_dir
 from configurator import ArgumentParser, run_main
-from data.prepare import load_tokenizer, open_tokens, prepare
+from data.prepare import TXT_SPLITS, input_kind, load_tokenizer, open_tokens, prepare
 
 
 # -----------------------------------------------------------------------------
@@ -227,19 +227,33 @@ def loglikelihoods(model, requests, batch_size=8, max_len=None, label="loglikeli
 
 
 def read_mc(file) -> list:
+    """The questions of a multiple-choice jsonl file; any malformed line is a one-line error naming it."""
+    example = '{"question": "...", "choices": ["...", "..."], "answer": 0}'
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    except (OSError, UnicodeDecodeError) as e:
+        raise lrc.LRCError(f"--mc={file!r} cannot be read ({type(e).__name__}: {e}): pass a jsonl file with one "
+                           f"{example} per line") from None
     items = []
-    with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        try:
             item = json.loads(line)
-            if not {"question", "choices", "answer"} <= set(item):
-                raise lrc.LRCError(f"{file}:{line_no} needs question, choices and answer: write one "
-                                   f'{{"question": ..., "choices": [...], "answer": index}} per line')
-            if not 0 <= item["answer"] < len(item["choices"]):
-                raise lrc.LRCError(f"{file}:{line_no}: answer {item['answer']} is not an index into its "
-                                   f"{len(item['choices'])} choices")
-            items.append(item)
+        except ValueError as e:
+            raise lrc.LRCError(f"{file}:{line_no} is not valid JSON ({e}): write one {example} per line") from None
+        if not isinstance(item, dict) or not {"question", "choices", "answer"} <= set(item):
+            raise lrc.LRCError(f"{file}:{line_no} needs question, choices and answer: write one {example} per line")
+        if not isinstance(item["question"], str) or not isinstance(item["choices"], list) or not item["choices"] \
+                or not all(isinstance(c, str) and c for c in item["choices"]):
+            raise lrc.LRCError(f"{file}:{line_no}: the question must be a string and choices a list of non-empty "
+                               f"strings: write one {example} per line")
+        if isinstance(item["answer"], bool) or not isinstance(item["answer"], int) \
+                or not 0 <= item["answer"] < len(item["choices"]):
+            raise lrc.LRCError(f"{file}:{line_no}: answer {item['answer']!r} is not an index into its "
+                               f"{len(item['choices'])} choices")
+        items.append(item)
     if not items:
         raise lrc.LRCError(f"{file} holds no questions")
     return items
@@ -376,7 +390,7 @@ def evaluate(args) -> list:
     # one seq_len for every model so their perplexities are comparable
     limits = [m for m in (model_max_len(p) for p in args.model) if m]
     seq_len = args.seq_len or min([1024] + limits)
-    mc_sets = {file: read_mc(file) for file in args.mc or []}
+    mc_sets = {file: read_mc(file) for file in args.mc or []}  # before any model is loaded
     token_cache = {}
     results = []
     for path, name in zip(args.model, model_names(args.model)):
@@ -437,6 +451,33 @@ def evaluate(args) -> list:
     return results
 
 
+def check_args(args):
+    """Everything about the command line that can be refused before a model is loaded."""
+    if not (args.data or args.mc or args.prompt is not None):
+        raise lrc.LRCError("nothing to evaluate: pass --data=FILE, --mc=FILE.jsonl and/or --prompt=TEXT")
+    for name in ("seq_len", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_new_tokens" else 1):
+            raise lrc.LRCError(f"--{name}={value} must be at least {0 if name == 'max_new_tokens' else 1}")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise lrc.LRCError("--temperature must be >= 0 (0 = greedy) and --top_k >= 1")
+    if args.data:
+        directory, name = os.path.split(os.path.abspath(args.data))
+        if args.data.endswith(".bin"):
+            open_tokens(directory, name.removesuffix(".bin"))  # checks meta.json and the file's size
+        elif not os.path.isfile(args.data):
+            raise lrc.LRCError(f"--data={args.data!r} {'is a directory' if os.path.isdir(args.data) else 'does not exist'}"
+                               f": pass a .txt, .jsonl or prepared .bin file")
+        else:
+            input_kind(args.data)  # refuses other extensions
+        if args.txt_split not in TXT_SPLITS:
+            raise lrc.LRCError(f"--txt_split={args.txt_split!r} is not one of {', '.join(TXT_SPLITS)}")
+    if args.json:
+        lrc.check_writable_dir(os.path.dirname(os.path.abspath(args.json)), "--json's directory")
+        if os.path.isdir(args.json):
+            raise lrc.LRCError(f"--json={args.json!r} is a directory: pass a file name")
+
+
 def main(argv=None):
     parser = ArgumentParser(description="Evaluate teacher and students side by side.")
     parser.add_argument("--model", action="append", required=True,
@@ -459,8 +500,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     args = parser.parse_args(argv)
-    if not (args.data or args.mc or args.prompt is not None):
-        raise lrc.LRCError("nothing to evaluate: pass --data=FILE, --mc=FILE.jsonl and/or --prompt=TEXT")
+    check_args(args)
     results = evaluate(args)
     print_table(results)
     if args.json:

@@ -312,7 +312,7 @@ class DistillHead(torch.autograd.Function):
             nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
             if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
                 grad = log_q.exp_()
-                # the one-hot as a scatter, not boolean indexing: no host sync on GPU (issue 5); rows
+                # the one-hot as a scatter, not boolean indexing: no host sync on GPU; rows
                 # with no target add -0.0 (a no-op) and are zeroed by the next line anyway
                 grad.scatter_add_(1, tgt.clamp(min=0)[:, None], -valid[:, None].to(grad.dtype))
                 grad *= valid[:, None] / n_valid
@@ -693,6 +693,19 @@ def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max
 
 # Atomic writes: everything lrc writes (checkpoints, model directories, token files, manifests) appears
 # whole or not at all. Work happens in a temporary sibling, flushed to disk, then renamed into place.
+
+def check_writable_dir(path: str, option: str = "--out"):
+    """Refuse, with one line naming `option`, a directory to be written that cannot be: a regular file, a path
+    inside a file, or one whose nearest existing parent is not writable. Nothing is created."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        what = "is a file" if parent == os.path.abspath(path) else f"is inside the file {parent!r}"
+        raise LRCError(f"{option}={path!r} {what}, not a directory: pass {option}=DIR for a new or existing directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LRCError(f"{option}={path!r} cannot be written ({parent!r} is not writable): choose another {option}")
+
 
 @contextmanager
 def atomic_directory(path: str):

@@ -1,11 +1,11 @@
-# Preset for data/toy_compare.py (issue 6): what every student (lrc, kd, scratch) shares, and the toy teacher.
+# Preset for experiments/toy_compare.py: what every student (lrc, kd, scratch) shares, and the toy teacher.
 # Plain train.py keys, so `python train.py config/toy_compare.py --method=kd` runs one of the students alone
 # (on data/toy.py's default toy world, the same world toy_compare.py builds).
 # Sized so that the whole comparison (teacher + 3 methods x 3 seeds + evaluation) takes about 15 CPU-minutes on
 # one core (less wall time on two).
 
 # the students: the LRC student's exported shape for all three. Learning rate and KL temperature are chosen
-# per method by an equal sweep (PER_METHOD in data/toy_compare.py): lrc lr=1e-2 tau=40, kd lr=3e-3 tau=1,
+# per method by an equal sweep (PER_METHOD in experiments/toy_compare.py): lrc lr=1e-2 tau=40, kd lr=3e-3 tau=1,
 # scratch lr=3e-3; train.py alone uses its defaults (lr=1e-2, tau=40) unless told --lr / --tau.
 student_hidden = 64
 seq_len = 128

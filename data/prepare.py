@@ -41,7 +41,7 @@ import numpy as np
 if __name__ == "__main__":  # run as a script: make lrc.py (in the repository root) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import run_main
-from lrc import LRCError, atomic_file
+from lrc import LRCError, atomic_file, check_writable_dir
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u4")  # little-endian uint32 whatever the machine (spec section 7)
@@ -356,7 +356,8 @@ def _check_inputs(paths, what):
     paths = [str(p) for p in paths]
     for path in paths:
         if not os.path.isfile(path):
-            raise LRCError(f"{what} file {path!r} does not exist: check the path")
+            state = "is a directory" if os.path.isdir(path) else "does not exist"
+            raise LRCError(f"{what} file {path!r} {state}: pass text files (.txt, .jsonl, .jsonl.gz)")
         input_kind(path)
     return paths
 
@@ -381,41 +382,65 @@ def prepare(tokenizer, inputs, out, text_field="text", val_fraction=0.0, num_pro
     if int(batch_size) < 1:
         raise LRCError(f"--batch_size={batch_size} must be at least 1 (documents per worker task)")
     tok, eos_id, sha256 = load_tokenizer(tokenizer, eos_token)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
     if num_proc is None:
         total_bytes = sum(os.path.getsize(p) for p in inputs + val_inputs)
         num_proc = min(8, os.cpu_count() or 1, 1 + total_bytes // (64 << 20))
-    num_proc = int(num_proc)
-    if num_proc < 1:
+    if int(num_proc) < 1:
         raise LRCError(f"--num_proc={num_proc} must be at least 1")
-
     out = str(out)
+    check_writable_dir(out)
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):  # from here until the new meta.json lands, the directory reads as incomplete
         os.remove(meta_path)
-    want_val = val_fraction > 0 or bool(val_inputs)
-    splits = ("train", "val") if want_val else ("train",)
+    splits = ("train", "val") if val_fraction > 0 or val_inputs else ("train",)
+    counts = _tokenize(tok, eos_id, _batches(inputs, val_inputs, txt_split, int(batch_size)), out, splits,
+                       text_field, val_fraction, int(num_proc), progress)
+    meta = {
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "eos_id": eos_id,
+        "tokenizer_sha256": sha256,
+        "n_tokens": counts["tokens"],
+        "n_documents": counts["documents"],
+        "dtype": "uint32",
+        "byteorder": "little",
+        # paths relative to OUT, so that the same build in another directory is byte-identical
+        "tokenizer": os.path.relpath(str(tokenizer), out) if os.path.exists(str(tokenizer)) else str(tokenizer),
+        "eos_token": tok.id_to_token(eos_id) if eos_id is not None else None,
+        "inputs": [os.path.relpath(p, out) for p in inputs],
+        "val_inputs": [os.path.relpath(p, out) for p in val_inputs],
+        "text_field": text_field,
+        "txt_split": txt_split,
+        "val_fraction": val_fraction,
+        "empty_documents_skipped": counts["empty"],
+        "format_version": FORMAT_VERSION,
+    }
+    with atomic_file(meta_path) as f:  # last: its presence marks the directory complete
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return meta
+
+
+def _tokenize(tok, eos_id, batches, out, splits, text_field, val_fraction, num_proc, progress):
+    """Encode every batch (in worker processes when num_proc > 1, written in input order) into OUT/{split}.bin
+    through temporary files, renamed into place only when every input was read and each split holds tokens.
+    Returns {"tokens": {split: n}, "documents": {split: n}, "empty": n}."""
     tmp_paths = {s: os.path.join(out, f".{s}.bin.tmp{os.getpid()}") for s in splits}
-    n_tokens = {s: 0 for s in splits}
-    n_docs = {s: 0 for s in splits}
-    n_empty = 0
+    counts = {"tokens": {s: 0 for s in splits}, "documents": {s: 0 for s in splits}, "empty": 0}
     meter = _Progress(progress)
     pool = None
     files = {s: open(tmp_paths[s], "wb") for s in splits}
     try:
         def write(result):
-            nonlocal n_empty
             if "error" in result:
                 raise LRCError(result["error"])
             for s in splits:
                 result[s].tofile(files[s])
-                n_tokens[s] += len(result[s])
-                n_docs[s] += result["docs"][s]
-            n_empty += result["docs"]["empty"]
-            meter.update(sum(n_docs.values()), sum(n_tokens.values()))
+                counts["tokens"][s] += len(result[s])
+                counts["documents"][s] += result["docs"][s]
+            counts["empty"] += result["docs"]["empty"]
+            meter.update(sum(counts["documents"].values()), sum(counts["tokens"].values()))
 
-        batches = _batches(inputs, val_inputs, txt_split, int(batch_size))
         if num_proc == 1:
             for batch in batches:
                 write(encode_batch(tok, eos_id, batch, text_field, val_fraction))
@@ -436,44 +461,13 @@ def prepare(tokenizer, inputs, out, text_field="text", val_fraction=0.0, num_pro
                 write(pending.popleft().get())
         for f in files.values():
             f.close()
-        meter.update(sum(n_docs.values()), sum(n_tokens.values()), final=True)
-
-        if n_tokens["train"] == 0:
-            raise LRCError(f"no train tokens: the inputs hold no non-empty document ({n_empty} empty ones"
-                           f"{', and every document went to val' if sum(n_docs.values()) else ''}): check the "
-                           f"inputs, --text_field and --val_fraction")
-        if want_val and n_tokens["val"] == 0:
-            raise LRCError(f"--val_fraction={val_fraction} held out none of the {n_docs['train']} documents: "
-                           f"raise it, or pass --val_input=FILE")
+        meter.update(sum(counts["documents"].values()), sum(counts["tokens"].values()), final=True)
+        _check_counts(counts, splits, val_fraction)
         for s in splits:
             os.replace(tmp_paths[s], os.path.join(out, f"{s}.bin"))
-        if not want_val and os.path.exists(os.path.join(out, "val.bin")):
+        if "val" not in splits and os.path.exists(os.path.join(out, "val.bin")):
             os.remove(os.path.join(out, "val.bin"))  # a stale val.bin from an earlier run would contradict meta
-
-        local = os.path.exists(str(tokenizer))
-        meta = {
-            "vocab_size": vocab_size,
-            "eos_id": eos_id,
-            "tokenizer_sha256": sha256,
-            "n_tokens": n_tokens,
-            "n_documents": n_docs,
-            "dtype": "uint32",
-            "byteorder": "little",
-            # paths relative to OUT, so that the same build in another directory is byte-identical
-            "tokenizer": os.path.relpath(str(tokenizer), out) if local else str(tokenizer),
-            "eos_token": tok.id_to_token(eos_id) if eos_id is not None else None,
-            "inputs": [os.path.relpath(p, out) for p in inputs],
-            "val_inputs": [os.path.relpath(p, out) for p in val_inputs],
-            "text_field": text_field,
-            "txt_split": txt_split,
-            "val_fraction": val_fraction,
-            "empty_documents_skipped": n_empty,
-            "format_version": FORMAT_VERSION,
-        }
-        with atomic_file(meta_path) as f:  # last: its presence marks the directory complete
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-        return meta
+        return counts
     finally:
         if pool is not None:
             pool.terminate()
@@ -482,6 +476,17 @@ def prepare(tokenizer, inputs, out, text_field="text", val_fraction=0.0, num_pro
             files[s].close()
             if os.path.exists(tmp_paths[s]):
                 os.remove(tmp_paths[s])
+
+
+def _check_counts(counts, splits, val_fraction):
+    n_tokens, n_docs = counts["tokens"], counts["documents"]
+    if n_tokens["train"] == 0:
+        raise LRCError(f"no train tokens: the inputs hold no non-empty document ({counts['empty']} empty ones"
+                       f"{', and every document went to val' if sum(n_docs.values()) else ''}): check the "
+                       f"inputs, --text_field and --val_fraction")
+    if "val" in splits and n_tokens["val"] == 0:
+        raise LRCError(f"--val_fraction={val_fraction} held out none of the {n_docs['train']} documents: "
+                       f"raise it, or pass --val_input=FILE")
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 The toy world: a small, deterministic, offline corpus on which a tiny Qwen2 teacher (hidden 64-128,
 2-4 layers) learns something measurable in CPU-minutes, with synthetic facts to test what a student
-inherits from the teacher beyond its own training text (issue 6).
+inherits from the teacher beyond its own training text.
 
     python data/toy.py --out=DIR [--seed=1337] [--n_entities=120] [--fact_repeats=100] ...
 
@@ -30,7 +30,7 @@ import sys
 if __name__ == "__main__":  # run as a script: make lrc.py and the data package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import Keys, run_main
-from lrc import LRCError, atomic_file
+from lrc import LRCError, atomic_file, check_writable_dir
 from data.prepare import prepare, read_meta
 
 TOY_VERSION = 1  # bump when the generator changes: cached builds of another version are rebuilt
@@ -297,6 +297,7 @@ def build_toy(out_dir, seed=1337, **sizes):
                                                                     sizes["val_docs"]) < 1:
         raise LRCError(f"toy sizes {sizes} are too small: n_entities >= 4, fact_repeats >= 1, *_docs >= 1")
     seed = int(seed)
+    check_writable_dir(out_dir)
     paths = paths_of(out_dir)
     manifest = _cached(paths, seed, sizes)
     if manifest is not None:

@@ -1,5 +1,5 @@
 """
-LRC against KD and training from scratch, at equal tokens, in the toy world (issue 6). One command:
+LRC against KD and training from scratch, at equal tokens, in the toy world. One command:
 
     python experiments/toy_compare.py [--out=out/compare] [--seeds=3] [--threads=N] [--plot=PNG]
         [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...] [--kd.key=value ...]
@@ -46,7 +46,7 @@ import train
 from configurator import run_main
 from data.prepare import load_tokenizer, read_meta
 from data.toy import DEFAULT_SIZES, build_toy, toy_teacher_recipe
-from lrc import LRCError, atomic_file
+from lrc import LRCError, atomic_file, check_writable_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "config", "toy_compare.py")
@@ -381,6 +381,7 @@ def compare(argv):
         torch.set_num_threads(options["threads"])
     out, seeds = options["out"], options["seeds"]
     say = lambda msg: print(msg, flush=True)  # noqa: E731
+    check_writable_dir(out)
     os.makedirs(out, exist_ok=True)
 
     paths = build_toy(os.path.join(out, "data"), seed=cfg["seed"], **sizes)

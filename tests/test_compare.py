@@ -108,9 +108,11 @@ def test_finished_runs_are_reused(compared, monkeypatch, capsys):
                                         ("--seeds=0", "at least one seed"), ("--sweep.lr=fast", "is not float"),
                                         ("--kd.method=lrc", "all three methods"), ("--sweep.lrr=1", "did you mean"),
                                         ("--eval_interval=0", "validation curves"), ("--n_entities=many", "integer"),
-                                        ("--no_such_key=1", "unknown config key")])
+                                        ("--no_such_key=1", "unknown config key"),
+                                        ("--out={tmp}/FILE", "is a file")])
 def test_bad_arguments_are_one_line_errors(arg, words, capsys, tmp_path):
-    assert run_main(toy_compare.main, [f"--out={tmp_path}", arg]) == 2
+    (tmp_path / "FILE").write_text("a file where a directory belongs")
+    assert run_main(toy_compare.main, [f"--out={tmp_path}", arg.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err
 

@@ -1,4 +1,4 @@
-"""Tests for convert.py (issue 4): checkpoints of the train.py format become standard Hugging Face Qwen2
+"""Tests for convert.py: checkpoints of the train.py format become standard Hugging Face Qwen2
 directories that transformers loads with no custom code and that give the training-time student's
 logits (spec section 5).
 
@@ -134,7 +134,7 @@ IDX = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(5))
 
 
 # -----------------------------------------------------------------------------
-# conversion of an LRC checkpoint, the ecosystem check (issue items 1 and 2)
+# conversion of an LRC checkpoint, the ecosystem check
 
 @pytest.mark.parametrize("teacher_tied, tie_proj", [(True, True), (False, False), (False, True)])
 def test_converted_student_loads_in_transformers_with_training_logits(tmp_path, teacher_tied, tie_proj):
@@ -352,7 +352,7 @@ def test_kd_and_scratch_checkpoints(tmp_path, method):
 
 
 # -----------------------------------------------------------------------------
-# a real (few-step) training run of train.py, converted: the issue's ecosystem check
+# a real (few-step) training run of train.py, converted: the ecosystem check
 
 def test_real_training_run_converts_and_loads_in_transformers(tmp_path):
     import train
@@ -397,3 +397,16 @@ def test_real_training_run_converts_and_loads_in_transformers(tmp_path):
 def train_tokens(directory):
     from data.prepare import open_tokens
     return open_tokens(str(directory), "train")
+
+
+def test_a_file_where_a_directory_belongs_is_one_line(tmp_path):
+    teacher = make_teacher(tmp_path / "teacher")
+    write_checkpoint(tmp_path / "run", make_lrc(teacher), str(tmp_path / "teacher"), step=5)
+    (tmp_path / "FILE").write_text("not a directory")
+    for args, words in [([f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'FILE'}"], "is a file"),
+                        ([f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'FILE' / 'x'}"], "inside the file"),
+                        ([f"--ckpt={tmp_path / 'FILE'}", f"--out={tmp_path / 'x'}"], "is a file"),
+                        ([f"--ckpt={tmp_path / 'run'}"], "required: --out")]:
+        result = run_cli("convert.py", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+    assert (tmp_path / "FILE").read_text() == "not a directory"

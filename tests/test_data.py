@@ -219,11 +219,15 @@ def test_input_errors(toy, tmp_path):
         (dict(inputs=[good], num_proc=0), ["--num_proc"]),
         (dict(inputs=[good], eos_token="<nope>"), ["<nope>", "not in the vocabulary"]),
         (dict(inputs=[]), ["no input files"]),
+        (dict(inputs=[tmp_path]), ["is a directory"]),
+        (dict(inputs=[good], out=tmp_path / "FILE"), ["--out=", "is a file"]),
+        (dict(inputs=[good], out=tmp_path / "FILE" / "x"), ["--out=", "inside the file"]),
     ]
     (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "FILE").write_text("a file where a directory belongs")
     for kwargs, fragments in cases:
         with pytest.raises(LRCError) as e:
-            prepare(toy["tokenizer"], out=tmp_path / "o", progress=False, **kwargs)
+            prepare(toy["tokenizer"], **{"out": tmp_path / "o", "progress": False, **kwargs})
         assert_one_line_error(e, *fragments)
     with pytest.raises(LRCError) as e:
         prepare(tmp_path / "no_tokenizer_here", [good], tmp_path / "o")
@@ -231,6 +235,9 @@ def test_input_errors(toy, tmp_path):
     with pytest.raises(LRCError) as e:
         prepare(tmp_path, [good], tmp_path / "o")  # a directory without tokenizer.json
     assert_one_line_error(e, "no tokenizer.json")
+    with pytest.raises(LRCError) as e:
+        build_toy(tmp_path / "FILE")
+    assert_one_line_error(e, "is a file")
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])

@@ -1,4 +1,4 @@
-"""Tests for eval_tiny.py (issue 4): perplexity exactly as spec section 8 (checked against transformers),
+"""Tests for eval_tiny.py: perplexity exactly as spec section 8 (checked against transformers),
 lm-evaluation-harness style multiple choice on a hand-made task whose answers are known, greedy
 generation with a KV cache equal to generation without it and to transformers' generate, and the
 command line end to end on teacher, converted student and training output side by side.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import lrc
 from convert import convert
-from eval_tiny import (continuation_of, encode_pair, generate, loglikelihoods, model_names, perplexity,
+from eval_tiny import (continuation_of, encode_pair, generate, loglikelihoods, model_names, perplexity, read_mc,
                        score_mc)
 from test_convert import (CORPUS, make_lrc, make_teacher, read_json, run_cli, tiny_config, write_checkpoint,
                           write_tokenizer)
@@ -263,3 +263,30 @@ def test_eval_cli_refuses_tokens_of_another_tokenizer(tmp_path):
 
     result = run_cli("eval_tiny.py", f"--model={tmp_path / 'teacher'}")
     assert result.returncode == 2 and "nothing to evaluate" in result.stderr
+
+
+def test_malformed_inputs_are_one_line_before_any_model_loads(tmp_path):
+    good = '{"question": "Q", "choices": [" a", " b"], "answer": 1}\n'
+    cases = {"bad_json": good + "{not json\n", "not_a_dict": "[1, 2]\n", "missing_key": '{"question": "Q"}\n',
+             "answer_range": '{"question": "Q", "choices": [" a"], "answer": 3}\n',
+             "choices_type": '{"question": "Q", "choices": " a b", "answer": 0}\n', "empty": "\n"}
+    expected = {"bad_json": ":2 is not valid JSON", "not_a_dict": ":1 needs question", "missing_key": ":1 needs question",
+                "answer_range": ":1: answer 3", "choices_type": "list of non-empty strings", "empty": "holds no questions"}
+    for name, text in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        with pytest.raises(lrc.LRCError) as e:
+            read_mc(str(tmp_path / f"{name}.jsonl"))
+        assert expected[name] in str(e.value) and "\n" not in str(e.value), name
+    with pytest.raises(lrc.LRCError, match="cannot be read"):
+        read_mc(str(tmp_path))                                    # a directory
+    # the command line: no model is needed to refuse these (the --model does not even exist)
+    (tmp_path / "x.csv").write_text("a,b\n")
+    for args, words in [([f"--mc={tmp_path / 'bad_json.jsonl'}"], "is not valid JSON"),
+                        ([f"--mc={tmp_path / 'nowhere.jsonl'}"], "cannot be read"),
+                        ([f"--data={tmp_path}"], "is a directory"), ([f"--data={tmp_path / 'x.csv'}"], "unknown extension"),
+                        (["--prompt=hi", "--max_new_tokens=-1"], "--max_new_tokens=-1"),
+                        ([f"--data={tmp_path / 'empty.jsonl'}", "--seq_len=0"], "--seq_len=0"),
+                        (["--prompt=hi", f"--json={tmp_path}"], "is a directory"), (["--prompt=hi", "--bogus=1"], "--bogus")]:
+        result = run_cli("eval_tiny.py", f"--model={tmp_path / 'no_model'}", *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)

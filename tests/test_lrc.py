@@ -1,4 +1,4 @@
-"""Tests for lrc.py (issue 2). `transformers` is the independent oracle for the Qwen2 math and the
+"""Tests for lrc.py. `transformers` is the independent oracle for the Qwen2 math and the
 checkpoint format; the LRC losses are recomputed here from scratch with plain torch.
 
 Tiny models only (hidden 32-64, 2 layers, vocab ~100) so the file runs in well under 3 minutes on 2 CPU

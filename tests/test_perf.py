@@ -1,4 +1,4 @@
-"""Performance properties that can be checked without a clock (issue 5): the loss head's memory stays
+"""Performance properties that can be checked without a clock: the loss head's memory stays
 bounded at a 152k vocabulary, activation checkpointing changes nothing but memory, the step has no
 host-syncing ops, and bench.py measures what it says. Speed itself is measured by bench.py, never here."""
 import pytest
@@ -59,7 +59,7 @@ def head_inputs(N_batch, T, V, d_s=8, d=16, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# The loss head at a Qwen-sized vocabulary (issue 5, item 3)
+# The loss head at a Qwen-sized vocabulary
 
 def test_head_holds_at_most_one_chunk_of_logits_at_qwen_vocab():
     """Default chunking at V=151936: every float32 tensor made in forward and backward is at most
@@ -118,7 +118,7 @@ def test_head_peak_memory_is_bounded_by_chunks_not_positions():
 
 
 # -----------------------------------------------------------------------------
-# Activation checkpointing of the student stream (issue 5, item 4)
+# Activation checkpointing of the student stream
 
 def loss_and_grads(model, idx, targets):
     model.zero_grad(set_to_none=True)
@@ -188,7 +188,7 @@ def test_checkpoint_layers_inert_without_grad():
 
 
 # -----------------------------------------------------------------------------
-# No host sync in the step (issue 5, item 4)
+# No host sync in the step
 
 SYNCING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "item", "is_nonzero", "equal", "unique",
                "_unique2", "masked_scatter"}

@@ -403,3 +403,32 @@ def test_activation_checkpointing_changes_nothing_but_memory(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
     with pytest.raises(lrc.LRCError, match="method=lrc only"):
         train.train(config(world, tmp_path / "kd", method="kd", activation_checkpointing=True))
+
+
+# -----------------------------------------------------------------------------
+# bad input is refused before expensive work, with one line
+
+def test_an_out_dir_that_is_a_file_is_one_line(world, tmp_path):
+    file = tmp_path / "FILE"
+    file.write_text("not a directory")
+    for out_dir, words in [(file, "is a file"), (file / "sub", "is inside the file")]:
+        with pytest.raises(lrc.LRCError) as e:
+            train.train(config(world, out_dir))
+        assert words in assert_one_line(e) and "--out_dir=DIR" in str(e.value)
+    result = subprocess.run([sys.executable, "train.py", f"--out_dir={file}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
+
+
+def test_broken_data_is_refused_before_the_toy_teacher_is_trained(tmp_path):
+    broken = tmp_path / "tokens"
+    broken.mkdir()                                            # a directory without meta.json
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(dict(out_dir=str(tmp_path / "out"), data=str(broken)))  # teacher='toy', the default
+    assert "no meta.json" in assert_one_line(e)
+    assert not os.path.exists(tmp_path / "out" / "teacher") and not os.path.exists(tmp_path / "out" / "teacher_run")
+    # and a vocabulary the toy teacher cannot hold is refused from its recipe, still before training it
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(dict(out_dir=str(tmp_path / "out"), data=make_data(str(tmp_path / "big"), vocab=5000)))
+    assert "5000-token vocabulary" in assert_one_line(e)
+    assert not os.path.exists(tmp_path / "out" / "teacher")
