@@ -94,6 +94,21 @@ def test_logits_match_transformers_fp32(case, saved):
     assert (model.hidden(idx) - h_ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("case", ["llama-llama3rope-untied-gqa2", "qwen3-untied-gqa2"])
+def test_bf16_runs_transformers_ops(case, saved):
+    """In bf16 (the training dtype) the llama3 cos/sin and the q/k norm round where transformers' sdpa
+    path rounds (bitwise equal on torch 2.13 CPU when written); asserted with the bar of test_lrc's
+    bf16 test, mean |diff| < 2e-3."""
+    path, _ = saved(case)
+    idx = tokens(2, T_LONG)
+    theirs = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                                         attn_implementation="sdpa"), idx)
+    ours = lrc.load_model(path, dtype="bf16")(idx)
+    assert ours.dtype == torch.bfloat16
+    diff = (ours.float() - theirs).abs()
+    assert diff.mean().item() < 2e-3 and diff.max().item() < 0.02 * theirs.abs().max().item()
+
+
 def test_llama3_frequencies_are_transformers_and_matter(saved, tmp_path):
     """Our llama3 frequencies equal transformers' bitwise and cover all three bands; a model loaded
     without the scaling (plain RoPE) is visibly wrong at T > original_max_position_embeddings, so the
