@@ -1,5 +1,6 @@
 """
-Turn a training checkpoint into a standard Hugging Face Qwen2 directory (spec section 5).
+Turn a training checkpoint into a standard Hugging Face directory of the teacher's family (Qwen2,
+Llama or Qwen3; spec section 5).
 
     python convert.py --ckpt=out/toy --out=students/toy                   # latest checkpoint of a run
     python convert.py --ckpt=out/toy/ckpt_00000200 --out=students/step200 # any intermediate one
@@ -64,7 +65,7 @@ def check_out_dir(out: str, protected: list):
 
 
 def convert(ckpt: str, out: str, teacher=None, dtype=None, max_shard_size="5GB", device="cpu") -> str:
-    """Write the student of checkpoint `ckpt` as a Hugging Face Qwen2 directory `out` (replaced if it holds
+    """Write the student of checkpoint `ckpt` as a Hugging Face directory `out` (replaced if it holds
     an earlier conversion); returns `out`."""
     max_shard_bytes = parse_size(max_shard_size)
     check_out_dir(out, [os.path.dirname(os.path.abspath(find_checkpoint(ckpt)))])
@@ -105,7 +106,7 @@ def convert(ckpt: str, out: str, teacher=None, dtype=None, max_shard_size="5GB",
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Merge an LRC (or kd/scratch) checkpoint into a Hugging Face Qwen2 "
+    parser = ArgumentParser(description="Merge an LRC (or kd/scratch) checkpoint into a Hugging Face "
                                         "directory (spec section 5).")
     parser.add_argument("--ckpt", required=True, help="training output directory (latest ckpt_*) or a ckpt_* dir")
     parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
@@ -120,7 +121,8 @@ def main(argv=None):
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     record = config["lrc"]
-    print(f"wrote {out}: Qwen2 hidden_size={config['hidden_size']} head_dim={config['head_dim']} "
+    family = config["architectures"][0].removesuffix("ForCausalLM")  # Qwen2, Llama, Qwen3
+    print(f"wrote {out}: {family} hidden_size={config['hidden_size']} head_dim={config['head_dim']} "
           f"tie_word_embeddings={config['tie_word_embeddings']} dtype={config['torch_dtype']} "
           f"({record['method']}, step {record['step']}, {record['tokens_seen']} tokens seen)")
 

@@ -5,9 +5,9 @@ A small, honest evaluator: teacher and students side by side in one table.
         --data=out/toy/data/val.txt --txt_split=paragraph --mc=out/toy/data/facts_seen.jsonl \
         --mc=out/toy/data/facts_unseen.jsonl --prompt="The home city of" --json=eval_toy.json
 
-Each --model may be a Hugging Face Qwen2 directory or hub id (a teacher, a converted student), a
-training output directory or one of its ckpt_* directories (an LRC student is exported in memory with
-export_student(), exactly what convert.py writes, so every model runs through the same Qwen2 code).
+Each --model may be a Hugging Face Qwen2, Llama or Qwen3 directory or hub id (a teacher, a converted
+student), a training output directory or one of its ckpt_* directories (an LRC student is exported in
+memory with export_student(), exactly what convert.py writes, so every model runs through the same code).
 Reported, per model:
   - perplexity on --data (.txt, .jsonl or a prepared .bin) exactly as spec section 8, with the token count;
   - zero-shot multiple choice on each --mc jsonl ({"question", "choices", "answer"}), scored as
@@ -113,7 +113,8 @@ def load_any(path, teacher=None, device="cpu", dtype=None) -> Loaded:
         token_dir = lrc.resolve_checkpoint(path)
         model = lrc.load_qwen2(token_dir, device=device, dtype=dtype)
         record = model.config.extra.get("lrc")
-        kind = f"{record.get('method')} step {record.get('step')} (converted)" if isinstance(record, dict) else "qwen2"
+        kind = f"{record.get('method')} step {record.get('step')} (converted)" if isinstance(record, dict) \
+            else model.config.model_type
     return Loaded(model.eval().requires_grad_(False), token_dir, kind, path)
 
 

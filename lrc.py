@@ -1,11 +1,12 @@
 """
-Low-Rank Clone (LRC) in one file: an exact from-scratch Qwen2 teacher, the LRC student whose every
-weight is generated from the teacher's by trainable low-rank projections, the three losses, and the
-export of the merged student as a plain Qwen2. Section numbers refer to docs/spec.md.
+Low-Rank Clone (LRC) in one file: an exact from-scratch teacher (Qwen2/Qwen2.5, Llama 3.x or dense
+Qwen3), the LRC student whose every weight is generated from the teacher's by trainable low-rank
+projections, the three losses, and the export of the merged student as a plain model of the teacher's
+family. Section numbers refer to docs/spec.md.
 
-Read top to bottom: config, norm, RoPE, attention, the Qwen2 layer, the Qwen2 model, the KV cache for
-generation, the loss head, the LRC student and the two baselines, export, and at the end the
-Hugging Face checkpoint files (loading, saving, atomic writes).
+Read top to bottom: config (the families and their switches), norm, RoPE, attention, the one decoder
+layer, the model, the KV cache for generation, the loss head, the LRC student and the two baselines,
+export, and at the end the Hugging Face checkpoint files (loading, saving, atomic writes).
 """
 import json
 import math
@@ -29,73 +30,135 @@ class LRCError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Config (spec section 2)
+# Config (spec section 2): three teacher families, one architecture with a few switches. Everything
+# else (RMSNorm, SwiGLU FFN, grouped-query attention, rotate-half RoPE) is shared by all three.
+
+class Family(NamedTuple):
+    architecture: str                # config.json "architectures" of an exported student
+    qkv_bias: bool                   # q/k/v projections carry biases (Qwen2); no other linear has one
+    qk_norm: bool                    # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3)
+    default_head_dim: Optional[int]  # head_dim when config.json has none (None: hidden_size // heads)
+    must_be_off: tuple               # config.json switches lrc refuses when true; written false on export
+
+
+FAMILIES = {
+    "qwen2": Family("Qwen2ForCausalLM", True, False, None, ("use_sliding_window",)),                 # Qwen2, Qwen2.5
+    "llama": Family("LlamaForCausalLM", False, False, None, ("attention_bias", "mlp_bias")),          # Llama 3.x
+    "qwen3": Family("Qwen3ForCausalLM", False, True, 128, ("attention_bias", "use_sliding_window")),  # dense Qwen3
+}
+
+
+def unsupported_family(model_type) -> LRCError:
+    return LRCError(f"model_type={model_type!r} is not supported: lrc clones qwen2 (Qwen2, Qwen2.5), llama "
+                    f"(Llama 3.x) and qwen3 (dense Qwen3) models, not MoE, sliding-window or other families: "
+                    f"pick such a teacher")
+
+
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
-class Qwen2Config:
+class ModelConfig:
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 11008
     num_hidden_layers: int = 36
     num_attention_heads: int = 16
     num_key_value_heads: int = 2
-    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    head_dim: Optional[int] = None  # None: the family's default_head_dim, else hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
+    model_type: str = "qwen2"       # a key of FAMILIES
+    rope_scaling: Optional[dict] = None  # None: plain RoPE; Llama 3: {"rope_type": "llama3", LLAMA3_ROPE...}
     extra: dict = field(default_factory=dict)  # other config.json keys (token ids, ...), kept on export
 
     def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise unsupported_family(self.model_type)
         if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            self.head_dim = self.family.default_head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise LRCError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                            f"num_key_value_heads={self.num_key_value_heads}: fix config.json")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Qwen2Config":
-        model_type = d.get("model_type")
-        if model_type != "qwen2":
-            raise LRCError(f"config.json has model_type={model_type!r}, but lrc only clones Qwen2/Qwen2.5 "
-                           f"models (model_type 'qwen2'): pick a Qwen2 or Qwen2.5 teacher")
-        # Only plain RoPE: newer files nest theta in rope_parameters, older ones use rope_scaling
-        rope = dict(d.get("rope_parameters") or {})
-        scaling = d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type != "default":
-            raise LRCError(f"config.json asks for rope type {rope_type!r} in rope_parameters; lrc supports plain "
-                           f"RoPE only: use a checkpoint without RoPE scaling (rope_type 'default')")
-        if scaling_type != "default":
-            raise LRCError(f"config.json asks for rope type {scaling_type!r} in rope_scaling; lrc supports plain "
-                           f"RoPE only: remove rope_scaling from config.json")
-        if d.get("use_sliding_window"):
-            raise LRCError("config.json asks for sliding-window attention, which lrc does not support: "
-                           "set use_sliding_window to false in config.json")
-        names = {f.name for f in fields(cls)} - {"extra", "rope_theta"}
-        known = {k: d[k] for k in names if d.get(k) is not None}
-        theta = d.get("rope_theta", rope.get("rope_theta"))
-        if theta is not None:
-            known["rope_theta"] = float(theta)
-        skip = names | {"rope_theta", "rope_parameters", "rope_scaling", "model_type", "architectures",
-                        "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
-        extra = {k: v for k, v in d.items() if k not in skip}
-        return cls(**known, extra=extra)
+    # the switches of the one decoder layer (decoder_layer) and of the model's parameter names
+    family = property(lambda self: FAMILIES[self.model_type])
+    qkv_bias = property(lambda self: self.family.qkv_bias)
+    qk_norm = property(lambda self: self.family.qk_norm)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "Qwen2Config":
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        refuse_unsupported(d)
+        names = {f.name for f in fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        known = {k: d[k] for k in names if d.get(k) is not None}
+        # newer files nest theta and the rope type in rope_parameters, older ones use rope_scaling
+        theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))
+        if theta is not None:
+            known["rope_theta"] = float(theta)
+        stated = [(key, rope_scaling_of(d[key], key)) for key in ("rope_parameters", "rope_scaling")
+                  if isinstance(d.get(key), dict) and ({"rope_type", "type"} & set(d[key]))]
+        if len(stated) == 2 and stated[0][1] != stated[1][1]:
+            raise LRCError("config.json's rope_parameters and rope_scaling ask for different RoPE: keep one of them")
+        skip = names | {"rope_theta", "rope_parameters", "rope_scaling", "architectures", "sliding_window",
+                        "max_window_layers", "layer_types", "hidden_act", "attention_dropout",
+                        *(key for family in FAMILIES.values() for key in family.must_be_off)}  # to_dict writes them
+        extra = {k: v for k, v in d.items() if k not in skip}
+        return cls(**known, rope_scaling=stated[0][1] if stated else None, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
-            raise LRCError(f"no config.json in {path!r}: point to a Hugging Face Qwen2 checkpoint directory")
+            raise LRCError(f"no config.json in {path!r}: point to a Hugging Face checkpoint directory")
         with open(file) as f:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
-        """config.json as Hugging Face writes it for Qwen2 (explicit head_dim, top-level rope_theta)."""
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **self.extra, **d,
-                "hidden_act": "silu", "use_sliding_window": False, "attention_dropout": 0.0}
+        """config.json as Hugging Face writes it for the family: explicit head_dim, top-level rope_theta,
+        Llama 3 scaling as rope_scaling (the form of the released Llama 3.x files)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_scaling")}
+        out = {"architectures": [self.family.architecture], **self.extra, **d, "hidden_act": "silu",
+               "attention_dropout": 0.0, **{key: False for key in self.family.must_be_off}}
+        if self.rope_scaling:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
+
+
+def refuse_unsupported(d: dict):
+    """One line for a family lrc does not clone, or a config.json switch the shared layer does not implement."""
+    if d.get("model_type") not in FAMILIES:
+        raise unsupported_family(d.get("model_type"))
+    for key in FAMILIES[d["model_type"]].must_be_off:
+        if d.get(key):
+            raise LRCError(f"config.json sets {key}=true, which lrc does not implement for model_type "
+                           f"{d['model_type']!r}: use a checkpoint with {key} false")
+    if any(layer_type != "full_attention" for layer_type in d.get("layer_types") or []):
+        raise LRCError("config.json's layer_types asks for sliding-window attention, which lrc does not implement: "
+                       "use a checkpoint whose layers are all full_attention")
+    if d.get("hidden_act", "silu") != "silu":
+        raise LRCError(f"config.json has hidden_act={d['hidden_act']!r}; lrc's FFN is SwiGLU (silu): "
+                       f"use a silu checkpoint")
+    partial = (d.get("partial_rotary_factor", 1.0), (d.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if set(partial) != {1.0}:
+        raise LRCError("config.json asks for partial rotary embeddings, which lrc does not support: "
+                       "use a checkpoint with RoPE on the whole head (partial_rotary_factor 1)")
+
+
+def rope_scaling_of(params: dict, key: str) -> Optional[dict]:
+    """None for plain RoPE, or the four numbers of Llama 3's 'llama3' rule; any other type is refused."""
+    rope_type = params.get("rope_type", params.get("type"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise LRCError(f"config.json asks for rope type {rope_type!r} in {key}; lrc supports plain RoPE "
+                       f"('default') and Llama 3's 'llama3' scaling: use a checkpoint with one of those")
+    missing = [k for k in LLAMA3_ROPE if k not in params]
+    if missing:
+        raise LRCError(f"config.json's {key} of type 'llama3' lacks {missing[0]!r}: add it to config.json")
+    return {"rope_type": "llama3", **{k: float(params[k]) for k in LLAMA3_ROPE[:3]},
+            "original_max_position_embeddings": int(params["original_max_position_embeddings"])}
 
 
 # -----------------------------------------------------------------------------
@@ -118,9 +181,26 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def rope_inv_freq(head_dim, theta, scaling=None, device=None):
+    """The rotation frequencies [head_dim/2] in float32. With Llama 3's 'llama3' scaling (spec section 2),
+    exactly as transformers computes them: wavelengths 2*pi/f longer than original/low_freq_factor are
+    slowed down by factor, those shorter than original/high_freq_factor are kept, and those in between are
+    blended with smooth = (original/wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = (scaling[k] for k in LLAMA3_ROPE)
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_between = ~(wavelength < original / high) * ~(wavelength > original / low)
+    return torch.where(in_between, blended, scaled)
+
+
+def rope_cos_sin(positions, head_dim, theta, scaling=None):
     """cos, sin [T, head_dim] in float32 for the rotate-half convention."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -154,27 +234,41 @@ def attention(q, k, v, cos, sin, head_dim, cache=None, layer_index=0):
 
 
 # -----------------------------------------------------------------------------
-# One Qwen2 layer as a function of its weights, shared by the teacher, the LRC student and the
-# exported student, so that all three compute exactly the same thing.
+# One decoder layer as a function of its weights, shared by the teacher, the LRC student and the
+# exported student of every family, so that all of them compute exactly the same thing. The config's
+# switches (qkv_bias, qk_norm, rope_scaling) are the only differences between the families.
 
 class LayerWeights(NamedTuple):
     attn_norm: torch.Tensor     # [d]
     q: torch.Tensor             # [H*hd, d]
-    q_bias: torch.Tensor        # [H*hd]
+    q_bias: Optional[torch.Tensor]  # [H*hd]   (qkv_bias only, else None)
     k: torch.Tensor             # [Hkv*hd, d]
-    k_bias: torch.Tensor
+    k_bias: Optional[torch.Tensor]  # [Hkv*hd]
     v: torch.Tensor             # [Hkv*hd, d]
-    v_bias: torch.Tensor
+    v_bias: Optional[torch.Tensor]  # [Hkv*hd]
     o: torch.Tensor             # [d, H*hd]
     ffn_norm: torch.Tensor      # [d]
     gate: torch.Tensor          # [f, d]
     up: torch.Tensor            # [f, d]
     down: torch.Tensor          # [d, f]
+    q_norm: Optional[torch.Tensor] = None  # [hd]   (qk_norm only: one RMSNorm weight for every q head)
+    k_norm: Optional[torch.Tensor] = None  # [hd]
+
+
+# where each weight lives in a Hugging Face checkpoint, below model.layers.{i}.
+HF_NAMES = LayerWeights(
+    attn_norm="input_layernorm.weight", q="self_attn.q_proj.weight", q_bias="self_attn.q_proj.bias",
+    k="self_attn.k_proj.weight", k_bias="self_attn.k_proj.bias", v="self_attn.v_proj.weight",
+    v_bias="self_attn.v_proj.bias", o="self_attn.o_proj.weight", ffn_norm="post_attention_layernorm.weight",
+    gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight",
+    q_norm="self_attn.q_norm.weight", k_norm="self_attn.k_norm.weight")
 
 
 class Activations(NamedTuple):
-    """What the clone loss compares (spec section 4): q, k, v before RoPE, gate before SiLU, and the
-    attention and FFN outputs (after o_proj / down_proj, before the residual add)."""
+    """What the clone loss compares (spec section 4): q, k, v as the projections give them (after the
+    bias, before the q/k norm and RoPE), gate before SiLU, up, and the attention and FFN outputs
+    (after o_proj / down_proj, before the residual add). attn, the attention output before o_proj
+    [B,T,H*hd], serves clone_attn_out='teacher'."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -182,32 +276,42 @@ class Activations(NamedTuple):
     gate: torch.Tensor
     up: torch.Tensor
     ffn_out: torch.Tensor
+    attn: Optional[torch.Tensor] = None
 
 
-def qwen2_layer(x, w: LayerWeights, cos, sin, config, cache=None, layer_index=0):
-    h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
+def decoder_layer(x, w: LayerWeights, cos, sin, config, cache=None, layer_index=0):
+    eps, hd = config.rms_norm_eps, config.head_dim
+    h = rms_norm(x, w.attn_norm, eps)
     q, k, v = F.linear(h, w.q, w.q_bias), F.linear(h, w.k, w.k_bias), F.linear(h, w.v, w.v_bias)
-    o = F.linear(attention(q, k, v, cos, sin, config.head_dim, cache, layer_index), w.o)
+    q_rope, k_rope = q, k
+    if config.qk_norm:  # Qwen3: RMSNorm over each head's hd features, then RoPE
+        q_rope = rms_norm(q.unflatten(-1, (-1, hd)), w.q_norm, eps).flatten(-2)
+        k_rope = rms_norm(k.unflatten(-1, (-1, hd)), w.k_norm, eps).flatten(-2)
+    attn = attention(q_rope, k_rope, v, cos, sin, hd, cache, layer_index)  # [B,T,H*hd]
+    o = F.linear(attn, w.o)
     x = x + o
-    h = rms_norm(x, w.ffn_norm, config.rms_norm_eps)
+    h = rms_norm(x, w.ffn_norm, eps)
     gate, up = F.linear(h, w.gate), F.linear(h, w.up)
     ffn_out = F.linear(F.silu(gate) * up, w.down)
-    return x + ffn_out, Activations(q, k, v, o, gate, up, ffn_out)
+    return x + ffn_out, Activations(q, k, v, o, gate, up, ffn_out, attn)
 
 
 # -----------------------------------------------------------------------------
-# The Qwen2 model, with Hugging Face's parameter names so checkpoints load by name
+# The model, with Hugging Face's parameter names so checkpoints of each family load by name
 
-class Qwen2Block(nn.Module):
-    def __init__(self, c: Qwen2Config):
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
         self.input_layernorm = RMSNorm(d, c.rms_norm_eps)
         self.self_attn = nn.ModuleDict(dict(
-            q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=True),
-            k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=True),
-            v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=True),
+            q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=c.qkv_bias),
+            k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=c.qkv_bias),
+            v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=c.qkv_bias),
             o_proj=nn.Linear(c.num_attention_heads * hd, d, bias=False)))
+        self.qk_norm = c.qk_norm
+        if c.qk_norm:
+            self.self_attn.update(dict(q_norm=RMSNorm(hd, c.rms_norm_eps), k_norm=RMSNorm(hd, c.rms_norm_eps)))
         self.post_attention_layernorm = RMSNorm(d, c.rms_norm_eps)
         self.mlp = nn.ModuleDict(dict(
             gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
@@ -215,22 +319,23 @@ class Qwen2Block(nn.Module):
             down_proj=nn.Linear(c.intermediate_size, d, bias=False)))
 
     def weights(self) -> LayerWeights:
-        a, m = self.self_attn, self.mlp
+        a, m = self.self_attn, self.mlp  # (biases are None without qkv_bias, as are q/k norms without qk_norm)
         return LayerWeights(
             attn_norm=self.input_layernorm.weight,
             q=a.q_proj.weight, q_bias=a.q_proj.bias, k=a.k_proj.weight, k_bias=a.k_proj.bias,
             v=a.v_proj.weight, v_bias=a.v_proj.bias, o=a.o_proj.weight,
             ffn_norm=self.post_attention_layernorm.weight,
-            gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight)
+            gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
+            q_norm=a.q_norm.weight if self.qk_norm else None, k_norm=a.k_norm.weight if self.qk_norm else None)
 
 
-class Qwen2(nn.Module):
-    def __init__(self, config: Qwen2Config):
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(c.vocab_size, c.hidden_size),
-            layers=nn.ModuleList(Qwen2Block(c) for _ in range(c.num_hidden_layers)),
+            layers=nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers)),
             norm=RMSNorm(c.hidden_size, c.rms_norm_eps)))
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
@@ -246,18 +351,23 @@ class Qwen2(nn.Module):
 
     def hidden(self, idx, cache=None):
         """idx [B,T] -> final-normed hidden states [B,T,d]."""
+        c = self.config
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
         x = self.model.embed_tokens(idx)
         for layer_index, block in enumerate(self.model.layers):
-            x, _ = qwen2_layer(x, block.weights(), cos, sin, self.config, cache, layer_index)
+            x, _ = decoder_layer(x, block.weights(), cos, sin, c, cache, layer_index)
         if cache is not None:
             cache.pos += idx.shape[1]
         return self.model.norm(x)
 
     def forward(self, idx, cache=None):
         return self.lm_head(self.hidden(idx, cache))  # logits [B,T,V]
+
+
+# The names from before Llama and Qwen3 teachers, kept: tests, scripts and users import them.
+Qwen2Config, Qwen2, qwen2_layer = ModelConfig, CausalLM, decoder_layer
 
 
 # -----------------------------------------------------------------------------
@@ -270,7 +380,7 @@ class KVCache:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached; advanced by Qwen2.forward after all layers
+        self.pos = 0  # tokens already cached; advanced by CausalLM.hidden after all layers
 
     def update(self, layer_index, k, v):  # k, v [B, Hkv, T, hd] -> all keys/values so far
         end = self.pos + k.shape[2]
@@ -358,17 +468,28 @@ def distill_loss(student_hidden, student_head, targets, teacher_hidden=None, tea
 # -----------------------------------------------------------------------------
 # The LRC student (spec section 3): projections generate every student weight from the teacher's
 
-def student_shape(teacher_config: Qwen2Config, student_hidden: int, tie_proj: bool) -> Qwen2Config:
-    """The student's architecture (spec sections 3 and 5): the teacher's with hidden_size = d_s and an
-    explicit head_dim; its embeddings are tied exactly when the teacher's are and tie_proj is on. The
-    LRC student is exported in this shape, and the kd / scratch baselines are built in it."""
+def student_shape(teacher_config: ModelConfig, student_hidden: int, tie_proj: bool) -> ModelConfig:
+    """The student's architecture (spec sections 3 and 5): the teacher's (same family and RoPE) with
+    hidden_size = d_s and an explicit head_dim; its embeddings are tied exactly when the teacher's are and
+    tie_proj is on. The LRC student is exported in this shape, and the kd / scratch baselines are built in it."""
     c = teacher_config
     if not 1 <= student_hidden <= c.hidden_size:
         raise LRCError(f"student_hidden={student_hidden} must be between 1 and the teacher's hidden_size "
                        f"{c.hidden_size} (equal only reproduces the teacher): pick a smaller student_hidden")
     return replace(c, hidden_size=student_hidden, head_dim=c.head_dim,
-                   tie_word_embeddings=c.tie_word_embeddings and tie_proj, extra=dict(c.extra))
+                   tie_word_embeddings=c.tie_word_embeddings and tie_proj, extra=dict(c.extra),
+                   rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None)
 
+
+# Qwen3 teachers (spec sections 3 and 4). The per-head q/k norms act on head_dim, which the student keeps:
+# their weights [hd] are the teacher's, reused unchanged and frozen like Qwen2's q/k/v biases (W^S = W).
+# The clone loss compares q and k as the projections give them, q = h @ W_q^S.T, before the q/k norm and
+# RoPE: (1) that is what the generated weights produce, as every other term compares (gate before SiLU,
+# q/k/v before RoPE), so each q/k term stays a least-squares fit of the generated weight's output;
+# (2) the norm is a fixed, shared function of it, so matching before the norm implies matching after,
+# and the identity property still gives L_clone = 0; (3) a term after the norm would reach P_q only
+# through the per-head normalisation, which drops each head's radial component and scales by 1/rms(q).
+# Not measured: Qwen3's pre-norm q/k may be larger than the other activations and weigh more in L_clone.
 
 INPUT_SIDE = ("P_q", "P_k", "P_v", "P_gate", "P_up")   # [d, d_s]: W_S = W @ P
 OUTPUT_SIDE = ("P_o", "P_down")                         # [d_s, d]: W_S = P @ W
@@ -386,42 +507,58 @@ class LRCLayer(nn.Module):
 
     def generate(self, teacher: LayerWeights) -> LayerWeights:
         """The student layer's weights: one matmul per weight per forward, never per token (spec 3).
-        The student computes in the teacher's dtype; the projections stay float32 masters."""
+        The student computes in the teacher's dtype; the projections stay float32 masters. What acts
+        on head_dim only (q/k/v biases, q/k norm weights) is the teacher's, unchanged and frozen."""
         t, dt = teacher, teacher.q.dtype
         return LayerWeights(
             attn_norm=self.attn_norm.to(dt),
-            q=t.q @ self.P_q.to(dt), q_bias=t.q_bias,          # teacher biases, unchanged and frozen
+            q=t.q @ self.P_q.to(dt), q_bias=t.q_bias,
             k=t.k @ self.P_k.to(dt), k_bias=t.k_bias,
             v=t.v @ self.P_v.to(dt), v_bias=t.v_bias,
             o=self.P_o.to(dt) @ t.o,
             ffn_norm=self.ffn_norm.to(dt),
             gate=t.gate @ self.P_gate.to(dt),
             up=t.up @ self.P_up.to(dt),
-            down=self.P_down.to(dt) @ t.down)
+            down=self.P_down.to(dt) @ t.down,
+            q_norm=t.q_norm, k_norm=t.k_norm)
 
-    def clone_loss(self, s: Activations, t: Activations):
-        """Spec section 4: MSE of q, k, v, gate, up, plus the attention and FFN outputs, the teacher's
-        brought to student width by the very P_o / P_down that generate the student's weights.
-        Gradient flows through both sides, as in the reference."""
+    def clone_loss(self, s: Activations, t: Activations, teacher_o=None):
+        """Spec section 4: MSE of q, k, v, gate, up, the FFN output and the attention output. Gradient
+        flows through both sides, as in the reference. The FFN output of the teacher is brought to
+        student width by the very P_down that generates W_down^S; the attention output likewise by P_o
+        (clone_attn_out='student', the paper's form), or, given the teacher's W_o (clone_attn_out=
+        'teacher', the official code's form), both are compared at teacher width d before P_o:
+        E(a_s @ W_o.T, a_t @ W_o.T), with a the attention output before o_proj. q and k: before Qwen3's
+        q/k norm (see above)."""
         mse = F.mse_loss
         dt = t.o.dtype
+        attn_out = (mse(s.o, t.o @ self.P_o.to(dt).T) if teacher_o is None
+                    else mse(F.linear(s.attn, teacher_o), t.o))
         return (mse(s.q, t.q) + mse(s.k, t.k) + mse(s.v, t.v) + mse(s.gate, t.gate) + mse(s.up, t.up)
-                + mse(s.o, t.o @ self.P_o.to(dt).T) + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
+                + attn_out + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
 
 
-def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config):
+def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config,
+                  teacher_o=None):
     """One student layer and, given the teacher's activations, its clone loss (spec section 4)."""
-    x_s, act_s = qwen2_layer(x_s, weights, cos, sin, config)
-    return x_s, (layer.clone_loss(act_s, act_t) if act_t is not None else None)
+    x_s, act_s = decoder_layer(x_s, weights, cos, sin, config)
+    return x_s, (layer.clone_loss(act_s, act_t, teacher_o) if act_t is not None else None)
 
 
 class LRC(nn.Module):
-    def __init__(self, teacher: Qwen2, student_hidden: int, tie_proj: bool = True, alpha: float = 0.5,
-                 tau: float = 40.0, init_std: float = 0.02, checkpoint_layers: bool = False):
+    def __init__(self, teacher: CausalLM, student_hidden: int, tie_proj: bool = True, alpha: float = 0.5,
+                 tau: float = 40.0, init_std: float = 0.02, checkpoint_layers: bool = False,
+                 clone_attn_out: str = "student"):
         super().__init__()
         # checkpoint_layers: keep only each student layer's inputs and recompute the rest in backward
         # (less activation memory for ~one more student forward; losses and gradients unchanged)
         self.checkpoint_layers = checkpoint_layers
+        # clone_attn_out: the attention-output clone term at student width ("student", the paper) or at
+        # teacher width ("teacher", the official code; LRCLayer.clone_loss). Export does not depend on it.
+        if clone_attn_out not in ("student", "teacher"):
+            raise LRCError(f"clone_attn_out={clone_attn_out!r}: use 'student' (the paper's term, at student "
+                           f"width) or 'teacher' (the official code's, at teacher width)")
+        self.clone_attn_out = clone_attn_out
         c = teacher.config
         student_shape(c, student_hidden, tie_proj)  # checks student_hidden
         teacher.requires_grad_(False)
@@ -435,7 +572,7 @@ class LRC(nn.Module):
             self.final_norm = nn.Parameter(torch.ones(d_s))
 
     @property
-    def student_config(self) -> Qwen2Config:
+    def student_config(self) -> ModelConfig:
         return student_shape(self.teacher.config, self.student_hidden, self.tie_proj)
 
     def student_head(self):
@@ -449,7 +586,8 @@ class LRC(nn.Module):
         """Run teacher and student side by side, layer by layer (spec section 4).
         Returns the final-normed student hidden [B,T,d_s], teacher hidden [B,T,d] and L_clone."""
         teacher, c = self.teacher, self.teacher.config
-        cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.head_dim, c.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.head_dim, c.rope_theta,
+                                c.rope_scaling)
         with torch.no_grad():
             x_t = teacher.model.embed_tokens(idx)
         # E^S[idx] = E[idx] @ P_emb: same value as looking up E @ P_emb, without forming the [V, d_s] matrix
@@ -459,17 +597,18 @@ class LRC(nn.Module):
             teacher_weights = block.weights()
             # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
             student_weights = layer.generate(teacher_weights)
+            teacher_o = teacher_weights.o if self.clone_attn_out == "teacher" else None
             act_t = None
             if with_teacher:
                 with torch.no_grad():
-                    x_t, act_t = qwen2_layer(x_t, teacher_weights, cos, sin, c)
+                    x_t, act_t = decoder_layer(x_t, teacher_weights, cos, sin, c)
+            args = (layer, x_s, student_weights, act_t, cos, sin, c, teacher_o)
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # recomputes the student layer and its clone loss only: the teacher's activations are
                 # inputs (kept anyway for the clone loss), so the teacher never runs twice
-                x_s, layer_clone = torch.utils.checkpoint.checkpoint(
-                    student_layer, layer, x_s, student_weights, act_t, cos, sin, c, use_reentrant=False)
+                x_s, layer_clone = torch.utils.checkpoint.checkpoint(student_layer, *args, use_reentrant=False)
             else:
-                x_s, layer_clone = student_layer(layer, x_s, student_weights, act_t, cos, sin, c)
+                x_s, layer_clone = student_layer(*args)
             if with_teacher:
                 clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
@@ -497,41 +636,35 @@ class LRC(nn.Module):
     # Export (spec section 5): multiply the projections into plain weights
 
     @torch.no_grad()
-    def export_student(self, dtype=None) -> Qwen2:
+    def export_student(self, dtype=None) -> CausalLM:
         teacher = self.teacher
         E = teacher.model.embed_tokens.weight
         dtype = as_dtype(dtype) if dtype is not None else E.dtype
         with torch.device("meta"):
-            student = Qwen2(self.student_config)
+            student = CausalLM(self.student_config)
         merged = {"model.embed_tokens.weight": E @ self.P_emb.to(E.dtype), "model.norm.weight": self.final_norm}
         if not student.config.tie_word_embeddings:
             merged["lm_head.weight"] = self.student_head()
         for i, (block, layer) in enumerate(zip(teacher.model.layers, self.layers)):
             w = layer.generate(block.weights())
-            p = f"model.layers.{i}."
-            merged.update({
-                p + "input_layernorm.weight": w.attn_norm, p + "post_attention_layernorm.weight": w.ffn_norm,
-                p + "self_attn.q_proj.weight": w.q, p + "self_attn.q_proj.bias": w.q_bias,
-                p + "self_attn.k_proj.weight": w.k, p + "self_attn.k_proj.bias": w.k_bias,
-                p + "self_attn.v_proj.weight": w.v, p + "self_attn.v_proj.bias": w.v_bias,
-                p + "self_attn.o_proj.weight": w.o, p + "mlp.gate_proj.weight": w.gate,
-                p + "mlp.up_proj.weight": w.up, p + "mlp.down_proj.weight": w.down})
-        # clone(): the exported model must not share storage with the teacher's biases
-        missing, _ = student.load_state_dict({k: v.to(dtype).clone() for k, v in merged.items()},
-                                             strict=False, assign=True)
-        assert set(missing) <= {"lm_head.weight"}, missing
+            merged.update({f"model.layers.{i}.{name}": tensor for name, tensor in zip(HF_NAMES, w)
+                           if tensor is not None})
+        # clone(): the exported model must not share storage with the teacher's biases and q/k norms
+        missing, unexpected = student.load_state_dict({k: v.to(dtype).clone() for k, v in merged.items()},
+                                                      strict=False, assign=True)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
         if student.config.tie_word_embeddings:
             student.lm_head.weight = student.model.embed_tokens.weight
         return student.requires_grad_(False)
 # -----------------------------------------------------------------------------
-# The two baselines LRC is compared with, trained by the same loop: an ordinary Qwen2 student of the
+# The two baselines LRC is compared with, trained by the same loop: an ordinary student of the
 # LRC student's exported shape (student_shape), randomly initialised.
 
 class Baseline(nn.Module):
     """kd: L_KL + L_LM against the frozen teacher (same head and reductions as LRC, no clone term);
     scratch (teacher=None): L_LM on the data alone."""
 
-    def __init__(self, student: Qwen2, teacher: Optional[Qwen2] = None, tau: float = 40.0):
+    def __init__(self, student: CausalLM, teacher: Optional[CausalLM] = None, tau: float = 40.0):
         super().__init__()
         self.student, self.teacher, self.tau = student, teacher, tau
         if teacher is not None:
@@ -606,11 +739,11 @@ def checkpoint_files(path: str) -> dict:
         return {name: single for name in f.keys()}
 
 
-def load_qwen2(path_or_id: str, device="cpu", dtype=None) -> Qwen2:
+def load_model(path_or_id: str, device="cpu", dtype=None) -> CausalLM:
     """Build on the meta device, then assign each tensor straight from its file in the requested dtype,
     so a 7B teacher never needs twice its size in memory. Any failure to read it is a one-line LRCError."""
     try:
-        return _load_qwen2(path_or_id, device, dtype)
+        return _load_model(path_or_id, device, dtype)
     except LRCError:
         raise
     except Exception as e:  # truncated safetensors, unreadable file, malformed config.json
@@ -619,22 +752,22 @@ def load_qwen2(path_or_id: str, device="cpu", dtype=None) -> Qwen2:
                        f"re-download or re-save the checkpoint") from None
 
 
-def _load_qwen2(path_or_id, device, dtype):
+def _load_model(path_or_id, device, dtype):
     path = resolve_checkpoint(path_or_id)
-    config = Qwen2Config.from_pretrained(path)
+    config = ModelConfig.from_pretrained(path)
     if dtype is None:
         dtype = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
     dtype = as_dtype(dtype)
     with torch.device("meta"):
-        model = Qwen2(config)
+        model = CausalLM(config)
     expected = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     files = checkpoint_files(path)
     unexpected = set(files) - set(expected) - {"lm_head.weight"}
     if unexpected:
-        raise LRCError(f"{path!r} holds tensors a Qwen2 model does not have (e.g. {sorted(unexpected)[0]!r}): "
-                       f"is this really a Qwen2 checkpoint?")
+        raise LRCError(f"{path!r} holds tensors a {config.model_type} model does not have (e.g. "
+                       f"{sorted(unexpected)[0]!r}): is config.json's model_type right for these weights?")
     for name in expected:
         if name not in files:
             raise LRCError(f"tensor {name!r} is missing from {path!r}: re-download or re-export the checkpoint")
@@ -656,7 +789,7 @@ def _load_qwen2(path_or_id, device, dtype):
     return model
 
 
-def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max_shard_bytes: int = 5 * 2**30):
+def save_model(model: CausalLM, path: str, extra_config: Optional[dict] = None, max_shard_bytes: int = 5 * 2**30):
     """config.json + safetensors (sharded with an index above max_shard_bytes, as Hugging Face does),
     written atomically (atomic_directory): a crash never leaves half a checkpoint."""
     config = model.config.to_dict()
@@ -689,6 +822,9 @@ def save_qwen2(model: Qwen2, path: str, extra_config: Optional[dict] = None, max
             total = sum(t.numel() * t.element_size() for t in state.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+load_qwen2, save_qwen2 = load_model, save_model  # the names from before Llama and Qwen3 teachers
 
 
 # Atomic writes: everything lrc writes (checkpoints, model directories, token files, manifests) appears

@@ -62,6 +62,7 @@ DEFAULTS = dict(
     alpha=0.5,                    # weight of L_clone
     tau=40.0,                     # temperature of L_KL
     init_std=0.02,                # projections ~ normal(0, init_std)
+    clone_attn_out="student",     # attention-output clone term: 'student' (paper) | 'teacher' (official code); spec 4
     student_config=None,          # kd/scratch: dict of Qwen2Config fields; None = the LRC student's exported shape
     # batch and length of training
     seq_len=128,                  # tokens predicted per sequence
@@ -111,7 +112,7 @@ KEYS = Keys(
     optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
               "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
     choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
-             "compile": ("auto", True, False)},
+             "compile": ("auto", True, False), "clone_attn_out": ("student", "teacher")},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
 
@@ -271,7 +272,8 @@ def build_model(cfg, teacher_dir, student_config, run):
     teacher = lrc.load_qwen2(teacher_dir, run.device, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
-                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
+                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"],
+                       clone_attn_out=cfg["clone_attn_out"])
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])

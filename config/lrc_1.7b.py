@@ -11,6 +11,8 @@ student_hidden = 1200
 tie_proj = True                          # tied teacher + tie_proj: a tied student, like the release
 alpha = 0.5
 tau = 40.0
+clone_attn_out = "teacher"               # the attention-output clone term of the official code, which trained
+                                         # the released models: E(a_s W_o^T, a_t W_o^T) at teacher width (spec 4)
 seq_len = 2048
 tokens_per_step = 32768                  # 16 sequences of 2048 tokens per optimizer step
 # 2 sequences per forward on each of 8 GPUs = 32,768 tokens: no accumulation on one 8-GPU node. The

@@ -10,6 +10,8 @@ student_hidden = 2048
 tie_proj = False                         # separate P_emb and P_lm: an untied student, like the release
 alpha = 0.5
 tau = 40.0
+clone_attn_out = "teacher"               # the attention-output clone term of the official code, which trained
+                                         # the released models: E(a_s W_o^T, a_t W_o^T) at teacher width (spec 4)
 seq_len = 2048
 tokens_per_step = 32768
 # 1 sequence per forward on each of 8 GPUs, 2 micro-steps: the bf16 teacher (15 GB), ~1.5B float32

@@ -6,6 +6,7 @@ method = "lrc"
 teacher = "toy"
 data = "toy"
 student_hidden = 64
+clone_attn_out = "student"   # the paper's attention-output clone term (the recipes use the official 'teacher')
 seq_len = 128
 tokens_per_step = 2048
 micro_batch_size = 16

@@ -429,13 +429,18 @@ def test_hub_failure_is_one_line_error(monkeypatch):
 # Clear one-line errors
 
 @pytest.mark.parametrize("edit,words", [
-    (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]), ["model_type", "llama"]),
-    (lambda c: c.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), ["model_type", "qwen3"]),
+    (lambda c: c.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+     ["model_type", "qwen2_moe", "qwen2", "llama", "qwen3"]),
+    (lambda c: c.update(model_type="mixtral", architectures=["MixtralForCausalLM"]), ["model_type", "mixtral", "MoE"]),
+    (lambda c: c.update(model_type="gemma", architectures=["GemmaForCausalLM"]), ["model_type", "gemma"]),
     (lambda c: (c.pop("rope_parameters"), c.update(rope_theta=5000.0, rope_scaling={"type": "yarn", "factor": 4.0})),
      ["yarn"]),
     (lambda c: c.update(rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}), ["linear"]),
     (lambda c: c.update(use_sliding_window=True, sliding_window=16), ["sliding"]),
-], ids=["llama", "qwen3", "rope_scaling-yarn", "rope_parameters-linear", "sliding-window"])
+    (lambda c: c.update(layer_types=["full_attention", "sliding_attention"]), ["sliding"]),
+    (lambda c: c.update(hidden_act="gelu"), ["hidden_act", "gelu"]),
+], ids=["qwen2_moe", "mixtral", "gemma", "rope_scaling-yarn", "rope_parameters-linear", "sliding-window",
+        "layer_types-sliding", "gelu"])
 def test_unsupported_config_is_refused(ckpt_copy, edit, words):
     edit_config(ckpt_copy, edit)
     with pytest.raises(lrc.LRCError) as e:
@@ -566,7 +571,7 @@ def test_teacher_stream_runs_without_autograd(monkeypatch):
     teacher = tiny_teacher(seed=1)
     model = lrc.LRC(teacher, d_s)
     calls = []
-    real_layer = lrc.qwen2_layer
+    real_layer = lrc.decoder_layer
 
     def spy(x, *args, **kwargs):
         out, acts = real_layer(x, *args, **kwargs)
@@ -574,7 +579,7 @@ def test_teacher_stream_runs_without_autograd(monkeypatch):
                       any(a.requires_grad for a in acts)))
         return out, acts
 
-    monkeypatch.setattr(lrc, "qwen2_layer", spy)
+    monkeypatch.setattr(lrc, "decoder_layer", spy)
     module_outputs = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: module_outputs.append(out.requires_grad))
              for m in teacher.modules() if not list(m.children())]
@@ -662,39 +667,44 @@ def ref_rms_norm(x, weight, eps):
     return weight * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def ref_rope(x, theta):  # x [B, heads, T, hd], rotate-half convention
+def ref_rope(x, theta, inv_freq=None):  # x [B, heads, T, hd], rotate-half convention
+    """inv_freq: given (e.g. transformers' own llama3-scaled frequencies), else plain RoPE from theta."""
     T, hd = x.shape[2], x.shape[3]
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
     cos, sin = angles.cos().float(), angles.sin().float()
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def ref_stream(x, layers, c):
-    """Explicit Qwen2 math. layers: list of dicts of weights. Returns the last residual and per-layer
-    activations (q, k, v pre-RoPE, gate pre-SiLU, up, attention output, FFN output)."""
+def ref_stream(x, layers, c, inv_freq=None):
+    """Explicit decoder math. layers: list of dicts of weights (q/k/v biases and per-head q/k norm weights
+    when present). Returns the last residual and per-layer activations (q, k, v as projected, before the
+    q/k norm and RoPE, gate pre-SiLU, up, attention output before o_proj, after it, FFN output)."""
     B, T, _ = x.shape
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     acts = []
     for w in layers:
         h = ref_rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-        q = h @ w["q"].T + w["q_bias"]
-        k = h @ w["k"].T + w["k_bias"]
-        v = h @ w["v"].T + w["v_bias"]
-        qh = ref_rope(q.view(B, T, H, hd).transpose(1, 2), c.rope_theta)
-        kh = ref_rope(k.view(B, T, Hkv, hd).transpose(1, 2), c.rope_theta).repeat_interleave(H // Hkv, dim=1)
+        q, k, v = (h @ w[n].T + (w[n + "_bias"] if w.get(n + "_bias") is not None else 0) for n in "qkv")
+        qh, kh = q.view(B, T, H, hd), k.view(B, T, Hkv, hd)
+        if w.get("q_norm") is not None:  # Qwen3: per head, over hd
+            qh, kh = ref_rms_norm(qh, w["q_norm"], c.rms_norm_eps), ref_rms_norm(kh, w["k_norm"], c.rms_norm_eps)
+        qh = ref_rope(qh.transpose(1, 2), c.rope_theta, inv_freq)
+        kh = ref_rope(kh.transpose(1, 2), c.rope_theta, inv_freq).repeat_interleave(H // Hkv, dim=1)
         vh = v.view(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
         scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(hd)
         att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        o = (att @ vh).transpose(1, 2).reshape(B, T, H * hd) @ w["o"].T
+        attn = (att @ vh).transpose(1, 2).reshape(B, T, H * hd)
+        o = attn @ w["o"].T
         x = x + o
         h2 = ref_rms_norm(x, w["ffn_norm"], c.rms_norm_eps)
         gate, up = h2 @ w["gate"].T, h2 @ w["up"].T
         ffn_out = (F.silu(gate) * up) @ w["down"].T
         x = x + ffn_out
-        acts.append(dict(q=q, k=k, v=v, gate=gate, up=up, o=o, ffn_out=ffn_out))
+        acts.append(dict(q=q, k=k, v=v, gate=gate, up=up, attn=attn, o=o, ffn_out=ffn_out))
     return x, acts
 
 
@@ -704,36 +714,44 @@ def teacher_layer_weights(teacher):
     for i in range(teacher.config.num_hidden_layers):
         p = f"model.layers.{i}."
         out.append(dict(attn_norm=sd[p + "input_layernorm.weight"], ffn_norm=sd[p + "post_attention_layernorm.weight"],
-                        q=sd[p + "self_attn.q_proj.weight"], q_bias=sd[p + "self_attn.q_proj.bias"],
-                        k=sd[p + "self_attn.k_proj.weight"], k_bias=sd[p + "self_attn.k_proj.bias"],
-                        v=sd[p + "self_attn.v_proj.weight"], v_bias=sd[p + "self_attn.v_proj.bias"],
+                        q=sd[p + "self_attn.q_proj.weight"], q_bias=sd.get(p + "self_attn.q_proj.bias"),
+                        k=sd[p + "self_attn.k_proj.weight"], k_bias=sd.get(p + "self_attn.k_proj.bias"),
+                        v=sd[p + "self_attn.v_proj.weight"], v_bias=sd.get(p + "self_attn.v_proj.bias"),
+                        q_norm=sd.get(p + "self_attn.q_norm.weight"), k_norm=sd.get(p + "self_attn.k_norm.weight"),
                         o=sd[p + "self_attn.o_proj.weight"], gate=sd[p + "mlp.gate_proj.weight"],
                         up=sd[p + "mlp.up_proj.weight"], down=sd[p + "mlp.down_proj.weight"]))
     return out
 
 
-def reference_loss(model, idx, targets):
-    """Every term of L = L_KL + L_LM + alpha * L_clone, from the definitions in spec section 4."""
+def student_layer_weights(model):
+    """Spec section 3: W^S = W @ P on the input side, P @ W on the output side; biases and q/k norm weights
+    reused unchanged."""
+    return [dict(t, attn_norm=s.attn_norm, ffn_norm=s.ffn_norm, q=t["q"] @ s.P_q, k=t["k"] @ s.P_k,
+                 v=t["v"] @ s.P_v, o=s.P_o @ t["o"], gate=t["gate"] @ s.P_gate, up=t["up"] @ s.P_up,
+                 down=s.P_down @ t["down"]) for t, s in zip(teacher_layer_weights(model.teacher), model.layers)]
+
+
+def reference_loss(model, idx, targets, inv_freq=None):
+    """Every term of L = L_KL + L_LM + alpha * L_clone, from the definitions in spec section 4. The
+    attention-output term as model.clone_attn_out asks: E(o_s, o_t @ P_o.T) ('student') or, the official
+    code's, E(a_s @ W_o.T, a_t @ W_o.T) at teacher width with the teacher's frozen W_o ('teacher')."""
     teacher, c = model.teacher, model.teacher.config
     E, W_lm, norm_t = teacher.model.embed_tokens.weight, teacher.lm_head.weight, teacher.model.norm.weight
-    tw = teacher_layer_weights(teacher)
-    sw = []
-    for t, s in zip(tw, model.layers):
-        sw.append(dict(attn_norm=s.attn_norm, ffn_norm=s.ffn_norm,
-                       q=t["q"] @ s.P_q, q_bias=t["q_bias"], k=t["k"] @ s.P_k, k_bias=t["k_bias"],
-                       v=t["v"] @ s.P_v, v_bias=t["v_bias"], o=s.P_o @ t["o"],
-                       gate=t["gate"] @ s.P_gate, up=t["up"] @ s.P_up, down=s.P_down @ t["down"]))
+    tw, sw = teacher_layer_weights(teacher), student_layer_weights(model)
     with torch.no_grad():
-        x_t, acts_t = ref_stream(E[idx], tw, c)
+        x_t, acts_t = ref_stream(E[idx], tw, c, inv_freq)
         z_t = ref_rms_norm(x_t, norm_t, c.rms_norm_eps) @ W_lm.T
-    x_s, acts_s = ref_stream(E[idx] @ model.P_emb, sw, c)
+    x_s, acts_s = ref_stream(E[idx] @ model.P_emb, sw, c, inv_freq)
     P_head = model.P_emb if model.P_lm is None else model.P_lm
     z_s = ref_rms_norm(x_s, model.final_norm, c.rms_norm_eps) @ (W_lm @ P_head).T
     clone = 0.0
-    for layer, a_s, a_t in zip(model.layers, acts_s, acts_t):
+    for layer, t, a_s, a_t in zip(model.layers, tw, acts_s, acts_t):
         for name in ("q", "k", "v", "gate", "up"):
             clone = clone + ((a_s[name] - a_t[name]) ** 2).mean()
-        clone = clone + ((a_s["o"] - a_t["o"] @ layer.P_o.T) ** 2).mean()
+        if model.clone_attn_out == "teacher":
+            clone = clone + ((a_s["attn"] @ t["o"].T - a_t["attn"] @ t["o"].T) ** 2).mean()
+        else:
+            clone = clone + ((a_s["o"] - a_t["o"] @ layer.P_o.T) ** 2).mean()
         clone = clone + ((a_s["ffn_out"] - a_t["ffn_out"] @ layer.P_down.T) ** 2).mean()
     B, tau = idx.shape[0], model.tau
     p = torch.softmax(z_t / tau, -1)
@@ -742,24 +760,18 @@ def reference_loss(model, idx, targets):
     return kl + lm + model.alpha * clone, dict(kl=kl, lm=lm, clone=clone, z_t=z_t, z_s=z_s)
 
 
-@pytest.mark.parametrize("tie_proj,alpha,tau", [(True, 0.5, 40.0), (False, 0.5, 40.0), (True, 0.3, 2.0),
-                                                (False, 1.7, 1.0)])
-def test_losses_and_gradients_match_reference(tie_proj, alpha, tau, base_ckpt):
-    path, hf = base_ckpt
-    teacher = lrc.load_qwen2(path)  # untied, GQA 2, head_dim 12 != 32/4
-    torch.manual_seed(0)
-    model = lrc.LRC(teacher, 20, tie_proj=tie_proj, alpha=alpha, tau=tau, init_std=0.25)
+def check_against_reference(model, idx, targets, teacher_oracle_logits, inv_freq=None):
+    """model's loss, its parts and every trainable gradient equal reference_loss; the reference teacher
+    equals an outside oracle (transformers' logits). Returns the parts."""
     with torch.no_grad():  # student norms away from 1 so that a swapped norm would show
         for n, p in model.named_parameters():
             if "norm" in n and p.requires_grad:
                 p.copy_(0.5 + torch.rand(p.shape))
-    B, T = 2, 24
-    idx, targets = tokens(B, T), tokens(B, T, seed=7)
     loss, parts = model(idx, targets)
     assert set(parts) >= {"kl", "lm", "clone"}
-    ref_loss, ref = reference_loss(model, idx, targets)
+    ref_loss, ref = reference_loss(model, idx, targets, inv_freq)
     # the explicit teacher math is itself checked against transformers
-    assert (ref["z_t"] - hf_logits(hf, idx)).abs().max() < 1e-4
+    assert (ref["z_t"] - teacher_oracle_logits).abs().max() < 1e-4
     assert (ref["z_s"] - model.student_logits(idx)).abs().max() < 1e-4
     for name in ("kl", "lm", "clone"):
         got, want = num(parts[name]), float(ref[name].detach())
@@ -773,6 +785,50 @@ def test_losses_and_gradients_match_reference(tie_proj, alpha, tau, base_ckpt):
     loss.backward()
     for (name, p), g in zip(trainable, ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return parts
+
+
+@pytest.mark.parametrize("tie_proj,alpha,tau,clone_attn_out", [
+    (True, 0.5, 40.0, "student"), (False, 0.5, 40.0, "student"), (True, 0.3, 2.0, "student"),
+    (False, 1.7, 1.0, "student"), (True, 0.5, 40.0, "teacher"), (False, 1.7, 1.0, "teacher")])
+def test_losses_and_gradients_match_reference(tie_proj, alpha, tau, clone_attn_out, base_ckpt):
+    path, hf = base_ckpt
+    teacher = lrc.load_qwen2(path)  # untied, GQA 2, head_dim 12 != 32/4
+    torch.manual_seed(0)
+    model = lrc.LRC(teacher, 20, tie_proj=tie_proj, alpha=alpha, tau=tau, init_std=0.25,
+                    clone_attn_out=clone_attn_out)
+    idx, targets = tokens(2, 24), tokens(2, 24, seed=7)
+    check_against_reference(model, idx, targets, hf_logits(hf, idx))
+
+
+def test_clone_attn_out_teacher_is_the_official_term():
+    """clone_attn_out='teacher' changes exactly the attention-output term, to E(a_s W_o^T, a_t W_o^T): the
+    difference of the two L_clone values is recomputed here from the layers' activations alone, and the
+    student's forward (hence its logits and export) does not change."""
+    teacher = tiny_teacher(seed=2)
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=3)
+    results = {}
+    for mode in ("student", "teacher"):
+        torch.manual_seed(0)
+        model = lrc.LRC(teacher, 16, init_std=0.2, clone_attn_out=mode)
+        with torch.no_grad():
+            results[mode] = (num(model(idx, targets)[1]["clone"]), model.student_logits(idx))
+    with torch.no_grad():
+        E = teacher.model.embed_tokens.weight
+        _, acts_s = ref_stream(E[idx] @ model.P_emb, student_layer_weights(model), teacher.config)
+        _, acts_t = ref_stream(E[idx], teacher_layer_weights(teacher), teacher.config)
+    delta = 0.0
+    for layer, block, a_s, a_t in zip(model.layers, teacher.model.layers, acts_s, acts_t):
+        W_o = block.self_attn.o_proj.weight
+        official = F.mse_loss(a_s["attn"] @ W_o.T, a_t["attn"] @ W_o.T)  # at teacher width d
+        paper = F.mse_loss(a_s["o"], a_t["o"] @ layer.P_o.T)             # at student width d_s
+        delta += num(official - paper)
+    assert abs(delta) > 1e-3  # the two terms really differ here
+    assert results["teacher"][0] - results["student"][0] == pytest.approx(delta, rel=1e-4, abs=1e-6)
+    assert torch.equal(results["teacher"][1], results["student"][1])
+    with pytest.raises(lrc.LRCError) as e:
+        lrc.LRC(teacher, 16, clone_attn_out="official")
+    assert_one_line_error(e, "clone_attn_out", "official", "student", "teacher")
 
 
 # -----------------------------------------------------------------------------

@@ -131,8 +131,29 @@ def test_presets_match_the_released_models():
     assert (c["teacher"], c["student_hidden"], c["tie_proj"], c["max_tokens"]) == \
         ("Qwen/Qwen2.5-7B-Instruct", 2048, False, 18e9)
     assert c["tokens_per_step"] % (c["seq_len"] * c["micro_batch_size"] * 8) == 0
+    assert c["clone_attn_out"] == "teacher"  # (lrc_4b.py)
+    # LRC-1.5B, the reference README's command: Llama-3.2-3B-Instruct, 3 x 2048 tokens on each of 8 GPUs
+    c = train.parse_args([os.path.join(REPO, "config", "lrc_1.5b.py")])
+    assert (c["teacher"], c["student_hidden"], c["tie_proj"], c["alpha"], c["tau"], c["clone_attn_out"]) == \
+        ("meta-llama/Llama-3.2-3B-Instruct", 1536, True, 0.2, 40.0, "teacher")
+    assert (c["lr"], c["warmup_ratio"], c["seq_len"], c["max_steps"], c["max_tokens"], c["grad_clip"]) == \
+        (1e-4, 0.005, 2048, 208000, None, 1.0)
+    assert c["tokens_per_step"] == 3 * 2048 * 8 and c["micro_batch_size"] == 3
+    # the recipes use the official code's attention-output term, the toy keeps the paper's
+    assert train.parse_args([os.path.join(REPO, "config", "lrc_1.7b.py")])["clone_attn_out"] == "teacher"
     toy = train.parse_args([os.path.join(REPO, "config", "toy.py")])
     assert toy == train.DEFAULTS  # the toy preset is what `python train.py` runs
+    assert toy["clone_attn_out"] == "student"
+
+
+@pytest.mark.parametrize("clone_attn_out", ["student", "teacher"])
+def test_clone_attn_out_reaches_the_model(world, clone_attn_out):
+    cfg = train.make_config(config(world, "unused", clone_attn_out=clone_attn_out))
+    run = type("Run", (), {"device": torch.device("cpu"), "compute_dtype": torch.float32})()
+    model = train.build_model(cfg, world["teacher"], None, run)
+    assert isinstance(model, lrc.LRC) and model.clone_attn_out == clone_attn_out
+    with pytest.raises(lrc.LRCError):
+        train.make_config({"clone_attn_out": "official"})
 
 
 def test_schedule_warmup_then_decay():
