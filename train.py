@@ -59,7 +59,8 @@ DEFAULTS = dict(
     data="toy",                   # prepared token dir (data/prepare.py); 'toy' = the toy corpus's student split
     student_hidden=64,            # d_s, the student's residual width (spec section 3)
     tie_proj=True,                # one projection for embedding and head (tied student when the teacher is tied)
-    alpha=0.5,                    # weight of L_clone
+    alpha=0.5,                    # weight of L_clone (0: weight generation with L_KL + L_LM only)
+    clone_terms="all",            # terms of L_clone: 'all', 'attn' (q,k,v,o), 'ffn' (gate,up,down) or a list 'q,k,v,o'
     tau=40.0,                     # temperature of L_KL
     init_std=0.02,                # projections ~ normal(0, init_std)
     student_config=None,          # kd/scratch: dict of Qwen2Config fields; None = the LRC student's exported shape
@@ -254,6 +255,7 @@ def student_config_of(cfg, teacher_config):
     if cfg["method"] == "lrc" and cfg["student_config"] is not None:
         raise LRCError("student_config is for kd/scratch; an LRC student's shape is the teacher's with "
                        "hidden_size=student_hidden: drop student_config")
+    lrc.clone_terms_of(cfg["clone_terms"])  # refuses an unknown term before anything is loaded
     if cfg["method"] != "lrc" and cfg["activation_checkpointing"]:
         raise LRCError(f"activation_checkpointing is implemented for method=lrc only: drop it for method={cfg['method']}")
     if cfg["student_config"] is not None:
@@ -274,7 +276,8 @@ def build_model(cfg, teacher_dir, student_config, run):
     teacher = lrc.load_qwen2(teacher_dir, run.device, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
-                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
+                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"],
+                       clone_terms=cfg["clone_terms"])
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
