@@ -196,7 +196,7 @@ def restore(path, state, weights, optimizer_tensors, model_state, optimizer, par
 
 def check_resumable(state, path, now):
     """One-line refusal when checkpoint `path` (its state.json) was made by another run than `now`: a dict
-    of method, student_hidden, tie_proj, teacher, teacher_config, teacher_fingerprint, student_config."""
+    of method, sampler, student_hidden, tie_proj, teacher, teacher_config, teacher_fingerprint, student_config."""
     def refuse(detail, hint="pass the checkpoint's settings, or start a fresh run in another out_dir"):
         raise LRCError(f"cannot resume {path}: it was made with {detail}: {hint}")
 
@@ -211,6 +211,10 @@ def check_resumable(state, path, now):
         for key in ("student_hidden", "tie_proj"):
             if state.get(key) != now[key]:
                 refuse(f"{key}={state.get(key)!r}, this run has {now[key]!r}", f"pass --{key}={state.get(key)!r}")
+    sampler = state.get("sampler", "random")  # checkpoints from before the epoch sampler drew at random
+    if sampler != now["sampler"]:
+        refuse(f"sampler={sampler!r}, this run has {now['sampler']!r} (its windows would not continue the run's)",
+               f"pass --sampler={sampler}")
     teacher_hint = f"pass --teacher={state.get('teacher')}, or start a fresh run in another out_dir"
     if json.dumps(state.get("teacher_config"), sort_keys=True) != json.dumps(now["teacher_config"], sort_keys=True):
         key, then, current = first_difference(state.get("teacher_config"), now["teacher_config"])

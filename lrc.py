@@ -493,6 +493,23 @@ def student_shape(teacher_config: ModelConfig, student_hidden: int, tie_proj: bo
 
 INPUT_SIDE = ("P_q", "P_k", "P_v", "P_gate", "P_up")   # [d, d_s]: W_S = W @ P
 OUTPUT_SIDE = ("P_o", "P_down")                         # [d_s, d]: W_S = P @ W
+# the seven terms of L_clone (spec section 4), by the activation they compare: q, k, v (before RoPE), the
+# attention output o, gate (before SiLU), up, and the FFN output down; "attn" and "ffn" name the two halves
+CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+CLONE_GROUPS = {"all": CLONE_TERMS, "attn": ("q", "k", "v", "o"), "ffn": ("gate", "up", "down"), "none": ()}
+
+
+def clone_terms_of(spec) -> tuple:
+    """'all', 'attn', 'ffn', 'none', or a comma-separated list ('q,k,v,o'), or an iterable of names ->
+    the selected terms in CLONE_TERMS order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen = set()
+    for name in (n.strip() for n in names):
+        if name not in CLONE_GROUPS and name not in CLONE_TERMS:
+            raise LRCError(f"clone term {name!r} is not one of {', '.join(CLONE_TERMS)} (or the groups "
+                           f"{', '.join(CLONE_GROUPS)}): e.g. clone_terms='attn' or 'q,k,v,o'")
+        chosen.update(CLONE_GROUPS.get(name, (name,)))
+    return tuple(t for t in CLONE_TERMS if t in chosen)
 
 
 class LRCLayer(nn.Module):
@@ -522,33 +539,40 @@ class LRCLayer(nn.Module):
             down=self.P_down.to(dt) @ t.down,
             q_norm=t.q_norm, k_norm=t.k_norm)
 
-    def clone_loss(self, s: Activations, t: Activations, teacher_o=None):
-        """Spec section 4: MSE of q, k, v, gate, up, the FFN output and the attention output. Gradient
-        flows through both sides, as in the reference. The FFN output of the teacher is brought to
-        student width by the very P_down that generates W_down^S; the attention output likewise by P_o
-        (clone_attn_out='student', the paper's form), or, given the teacher's W_o (clone_attn_out=
-        'teacher', the official code's form), both are compared at teacher width d before P_o:
-        E(a_s @ W_o.T, a_t @ W_o.T), with a the attention output before o_proj. q and k: before Qwen3's
-        q/k norm (see above)."""
-        mse = F.mse_loss
+    def clone_loss(self, s: Activations, t: Activations, terms=CLONE_TERMS, teacher_o=None):
+        """Spec section 4: the sum over `terms` of the MSE of q, k, v, gate, up, the attention output (o) and
+        the FFN output (down); terms not selected are not computed. Gradient flows through both sides, as
+        in the reference. The FFN output of the teacher is brought to student width by the very P_down
+        that generates W_down^S; the attention output likewise by P_o (clone_attn_out='student', the
+        paper's form), or, given the teacher's W_o (clone_attn_out='teacher', the official code's form),
+        both are compared at teacher width d before P_o: E(a_s @ W_o.T, a_t @ W_o.T), with a the attention
+        output before o_proj. q and k: before Qwen3's q/k norm (see above)."""
         dt = t.o.dtype
-        attn_out = (mse(s.o, t.o @ self.P_o.to(dt).T) if teacher_o is None
-                    else mse(F.linear(s.attn, teacher_o), t.o))
-        return (mse(s.q, t.q) + mse(s.k, t.k) + mse(s.v, t.v) + mse(s.gate, t.gate) + mse(s.up, t.up)
-                + attn_out + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
+        loss = 0.0
+        for term in terms:
+            if term == "o" and teacher_o is not None:
+                student, teacher = F.linear(s.attn, teacher_o), t.o
+            elif term == "o":
+                student, teacher = s.o, t.o @ self.P_o.to(dt).T
+            elif term == "down":
+                student, teacher = s.ffn_out, t.ffn_out @ self.P_down.to(dt).T
+            else:
+                student, teacher = getattr(s, term), getattr(t, term)
+            loss = loss + F.mse_loss(student, teacher)
+        return loss
 
 
 def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config,
-                  teacher_o=None):
+                  terms=CLONE_TERMS, teacher_o=None):
     """One student layer and, given the teacher's activations, its clone loss (spec section 4)."""
     x_s, act_s = decoder_layer(x_s, weights, cos, sin, config)
-    return x_s, (layer.clone_loss(act_s, act_t, teacher_o) if act_t is not None else None)
+    return x_s, (layer.clone_loss(act_s, act_t, terms, teacher_o) if act_t is not None else None)
 
 
 class LRC(nn.Module):
     def __init__(self, teacher: CausalLM, student_hidden: int, tie_proj: bool = True, alpha: float = 0.5,
                  tau: float = 40.0, init_std: float = 0.02, checkpoint_layers: bool = False,
-                 clone_attn_out: str = "student"):
+                 clone_attn_out: str = "student", clone_terms="all"):
         super().__init__()
         # checkpoint_layers: keep only each student layer's inputs and recompute the rest in backward
         # (less activation memory for ~one more student forward; losses and gradients unchanged)
@@ -559,6 +583,9 @@ class LRC(nn.Module):
             raise LRCError(f"clone_attn_out={clone_attn_out!r}: use 'student' (the paper's term, at student "
                            f"width) or 'teacher' (the official code's, at teacher width)")
         self.clone_attn_out = clone_attn_out
+        # the terms of L_clone (CLONE_TERMS, by default all seven); with none, or alpha = 0, the teacher's
+        # intermediate activations are not kept and no clone term is computed: weight generation with KL + LM
+        self.clone_terms = clone_terms_of(clone_terms) if alpha != 0 else ()
         c = teacher.config
         student_shape(c, student_hidden, tie_proj)  # checks student_hidden
         teacher.requires_grad_(False)
@@ -602,14 +629,16 @@ class LRC(nn.Module):
             if with_teacher:
                 with torch.no_grad():
                     x_t, act_t = decoder_layer(x_t, teacher_weights, cos, sin, c)
-            args = (layer, x_s, student_weights, act_t, cos, sin, c, teacher_o)
+                if not self.clone_terms:
+                    act_t = None  # nothing to compare: the teacher's activations need not be kept
+            args = (layer, x_s, student_weights, act_t, cos, sin, c, self.clone_terms, teacher_o)
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # recomputes the student layer and its clone loss only: the teacher's activations are
                 # inputs (kept anyway for the clone loss), so the teacher never runs twice
                 x_s, layer_clone = torch.utils.checkpoint.checkpoint(student_layer, *args, use_reentrant=False)
             else:
                 x_s, layer_clone = student_layer(*args)
-            if with_teacher:
+            if act_t is not None:
                 clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
         h_t = teacher.model.norm(x_t) if with_teacher else None

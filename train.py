@@ -59,7 +59,8 @@ DEFAULTS = dict(
     data="toy",                   # prepared token dir (data/prepare.py); 'toy' = the toy corpus's student split
     student_hidden=64,            # d_s, the student's residual width (spec section 3)
     tie_proj=True,                # one projection for embedding and head (tied student when the teacher is tied)
-    alpha=0.5,                    # weight of L_clone
+    alpha=0.5,                    # weight of L_clone (0: weight generation with L_KL + L_LM only)
+    clone_terms="all",            # terms of L_clone: 'all', 'attn' (q,k,v,o), 'ffn' (gate,up,down) or a list 'q,k,v,o'
     tau=40.0,                     # temperature of L_KL
     init_std=0.02,                # projections ~ normal(0, init_std)
     clone_attn_out="student",     # attention-output clone term: 'student' (paper) | 'teacher' (official code); spec 4
@@ -89,6 +90,8 @@ DEFAULTS = dict(
     resume=False,                 # continue from out_dir's latest checkpoint (also: --resume)
     overwrite=True,               # a fresh run in an out_dir with checkpoints deletes them (False: refuse)
     seed=1337,                    # initialisation and the window sampler
+    sampler="epoch",              # 'epoch': one shuffled pass over non-overlapping windows, then the next (the
+                                  # official run's order); 'random': windows drawn with replacement at every step
     # hardware
     device="auto",                # 'auto' = cuda:LOCAL_RANK if available, else cpu
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
@@ -112,6 +115,7 @@ KEYS = Keys(
     optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
               "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
     choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
+             "sampler": tuple(loader.SAMPLERS),
              "compile": ("auto", True, False), "clone_attn_out": ("student", "teacher")},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
@@ -252,6 +256,7 @@ def student_config_of(cfg, teacher_config):
     if cfg["method"] == "lrc" and cfg["student_config"] is not None:
         raise LRCError("student_config is for kd/scratch; an LRC student's shape is the teacher's with "
                        "hidden_size=student_hidden: drop student_config")
+    lrc.clone_terms_of(cfg["clone_terms"])  # refuses an unknown term before anything is loaded
     if cfg["method"] != "lrc" and cfg["activation_checkpointing"]:
         raise LRCError(f"activation_checkpointing is implemented for method=lrc only: drop it for method={cfg['method']}")
     if cfg["student_config"] is not None:
@@ -273,7 +278,7 @@ def build_model(cfg, teacher_dir, student_config, run):
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
                        init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"],
-                       clone_attn_out=cfg["clone_attn_out"])
+                       clone_attn_out=cfg["clone_attn_out"], clone_terms=cfg["clone_terms"])
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
@@ -293,6 +298,7 @@ class Job:
     identity: dict                # what a resumed run must match (checkpoint.check_resumable)
     teacher: Optional[str]        # the teacher as given (a path or hub id), None for scratch
     toy_paths: Optional[dict]
+    windows: Optional[loader.TokenWindows] = None  # the training windows of this rank, step by step
     step: int = 0
     tokens_seen: int = 0
     saved: Optional[str] = None   # the latest checkpoint written or resumed from
@@ -304,7 +310,9 @@ class Job:
         return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
                 "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
                 "data": {"path": self.data.path, "tokenizer_sha256": self.data.meta["tokenizer_sha256"],
-                         "n_tokens": len(self.data.train_tokens), "next_step": step, "sampler": loader.SAMPLER},
+                         "n_tokens": len(self.data.train_tokens), "next_step": step,
+                         "next_window": int(self.windows.windows_before(step)), "epoch": self.windows.epoch(step),
+                         "sampler_rule": loader.SAMPLERS[cfg["sampler"]]},
                 "world_size": self.run.world_size, "grad_accum": self.run.grad_accum, "lrc_version": 1}
 
 
@@ -329,7 +337,7 @@ def build(cfg, run):
         build_toy_teacher(cfg, toy_paths, teacher, os.path.join(cfg["out_dir"], "teacher_run"), run.log)
         teacher_dir = teacher
         teacher_config = Qwen2Config.from_pretrained(teacher_dir)  # as saved: what convert.py will compare
-    identity = {"method": cfg["method"], "teacher": teacher,
+    identity = {"method": cfg["method"], "teacher": teacher, "sampler": cfg["sampler"],
                 "teacher_config": teacher_config.to_dict() if cfg["method"] != "scratch" else None,
                 "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if cfg["method"] != "scratch"
                 else None, "student_config": student_config.to_dict(),
@@ -345,11 +353,15 @@ def build(cfg, run):
                                   weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
     job = Job(run, data, model, model, None, optimizer, params, model.checkpoint_tensors(), identity,
               teacher, toy_paths)
+    start = (0, 0)  # (step, windows read before it): where the sampler's count starts
     if resume_from is not None:
         job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
                                                        run.device)
         job.saved = existing
+        start = (job.step, resume_from[0]["data"].get("next_window", 0))
         run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
+    job.windows = loader.TokenWindows(data.train_tokens, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"],
+                                      run.rank, run.world_size, run.grad_accum, run.device, cfg["sampler"], start)
     job.train_model, job.ddp = distributed.wrap(model, run.procs, run.use_compile)
     if run.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -474,12 +486,12 @@ def log_step(job, acc, metrics, lr, grad_norm, elapsed):
     check_finite(job, acc)
     loss, kl, lm, clone = (distributed.all_reduce(acc.sums.clone()) / (run.world_size * acc.steps)).tolist()
     dt = max(1e-9, elapsed)
-    row = {"step": job.step, "tokens": job.tokens_seen, "loss": loss, "kl": kl, "lm": lm, "clone": clone, "lr": lr,
+    row = {"step": job.step, "tokens": job.tokens_seen, "epoch": job.windows.epoch(job.step), "loss": loss, "kl": kl, "lm": lm, "clone": clone, "lr": lr,
            "grad_norm": float(grad_norm), "tokens_per_s": acc.steps * cfg["tokens_per_step"] / dt,
            "ms_per_step": 1000 * dt / acc.steps, "time": round(time.time() - job.t_start, 2)}
-    run.log(f"step {job.step:>{len(str(run.max_steps))}}/{run.max_steps} | loss {loss:.4f} | kl {kl:.4f} | "
-            f"lm {lm:.4f} | clone {clone:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s | "
-            f"{row['ms_per_step']:.0f} ms/step")
+    run.log(f"step {job.step:>{len(str(run.max_steps))}}/{run.max_steps} | epoch {row['epoch']:.3f} | "
+            f"loss {loss:.4f} | kl {kl:.4f} | lm {lm:.4f} | clone {clone:.4f} | lr {lr:.2e} | "
+            f"{row['tokens_per_s']:,.0f} tok/s | {row['ms_per_step']:.0f} ms/step")
     metrics.record(row)
     acc.sums.zero_()
     acc.steps = 0
@@ -498,8 +510,7 @@ def run_eval(job, metrics):
 def train_loop(job, metrics):
     """Optimizer steps from job.step to run.end_step. Returns (first log row, last log row, last val result)."""
     run, cfg = job.run, job.run.cfg
-    windows = loader.TokenWindows(job.data.train_tokens, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"],
-                                  run.rank, run.world_size, run.grad_accum, run.device)
+    windows = job.windows
     acc = Accumulators(run.device)
     first = last = val = None
     t_log, paused = time.time(), 0.0  # paused: seconds spent evaluating and saving since the last log line

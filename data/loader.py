@@ -2,9 +2,8 @@
 Reading prepared token files (data/prepare.py, spec section 7) for training: which windows each rank
 trains on at each step, and the cheap checks that run before any teacher is built or loaded.
 
-The windows of optimizer step s are a pure function of (seed, s): every rank computes the same global
-batch and takes its own rows, so 1 process x 2 micro-steps and 2 processes x 1 micro-step read the same
-windows, and a resumed run reads exactly the windows the uninterrupted run would have read.
+Which windows step s reads is a pure function of (seed, s) and, for the default one-pass-per-epoch
+sampler, of where the run started counting (SAMPLERS says each rule in words; state.json records it).
 """
 import math
 import os
@@ -18,9 +17,19 @@ from data.prepare import open_tokens, read_meta, tokenizer_sha256
 from distributed import all_reduce
 from lrc import LRCError
 
-# recorded in state.json, so a checkpoint says how its data was read
-SAMPLER = ("offsets = numpy.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, tokens_per_step // "
-           "seq_len); rank r, micro-step m reads rows (m * world_size + r) * micro_batch_size onwards")
+# How training reads its windows (train.py's `sampler` key), recorded in state.json. "epoch" is how the
+# official LRC run read its data: one shuffled pass over non-overlapping chunks, then the next pass.
+SAMPLERS = {
+    "epoch": "the token stream cut into non-overlapping windows of seq_len + 1 tokens (window i starts at "
+             "i * seq_len, so neighbours share one boundary token); pass e visits them in the order "
+             "numpy.random.default_rng([seed, e]).permutation(n_windows); global window k of the run is "
+             "window k % n_windows of pass k // n_windows; step s reads global windows s * W .. s * W + W - 1 "
+             "(W = tokens_per_step // seq_len), rank r at micro-step m the micro_batch_size of them from row "
+             "(m * world_size + r) * micro_batch_size",
+    "random": "offsets = numpy.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, tokens_per_step // "
+              "seq_len), drawn with replacement; rank r, micro-step m reads rows (m * world_size + r) * "
+              "micro_batch_size onwards",
+}
 
 
 @dataclass
@@ -82,29 +91,63 @@ def check_fits(data: TokenData, vocab_size, teacher_dir=None, strict_tokenizer=F
 
 
 def window_offsets(seed, step, n_windows, n_tokens, seq_len):
-    """Start offsets of the global batch of optimizer step `step`: windows of seq_len + 1 tokens."""
+    """sampler=random: start offsets of the global batch of optimizer step `step`, windows of seq_len + 1
+    tokens drawn with replacement."""
     return np.random.default_rng([seed, step]).integers(0, n_tokens - seq_len, size=n_windows)
 
 
-class TokenWindows:
-    """The (x, y) micro-batches of one rank: x [micro_batch_size, seq_len] and y, the tokens that follow."""
+def pass_order(seed, epoch, n_windows):
+    """sampler=epoch: the order in which pass `epoch` visits the n_windows non-overlapping windows."""
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
 
-    def __init__(self, tokens, seed, seq_len, micro_batch_size, rank, world_size, grad_accum, device):
-        self.tokens, self.seed, self.seq_len, self.mbs = tokens, seed, seq_len, micro_batch_size
-        self.rank, self.world, self.grad_accum, self.device = rank, world_size, grad_accum, device
-        self.cached = (None, None)
+
+class TokenWindows:
+    """The (x, y) micro-batches of one rank: x [micro_batch_size, seq_len] and y, the tokens that follow.
+
+    Every rank computes the same global batch of step s and takes its own rows, so 1 process x 2
+    micro-steps and 2 processes x 1 micro-step read the same windows. With sampler=epoch the global
+    window counter continues from `start` = (step, windows read before it), which a resumed run takes
+    from its checkpoint, so it reads exactly the windows the uninterrupted run would have read."""
+
+    def __init__(self, tokens, seed, seq_len, micro_batch_size, rank, world_size, grad_accum, device,
+                 sampler="epoch", start=(0, 0)):
+        if sampler not in SAMPLERS:
+            raise LRCError(f"sampler={sampler!r} is not one of {', '.join(map(repr, SAMPLERS))}")
         if len(tokens) < seq_len + 1:
             raise LRCError(f"the training data has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
                            f"use more data or a smaller --seq_len")
+        self.tokens, self.seed, self.seq_len, self.mbs = tokens, seed, seq_len, micro_batch_size
+        self.rank, self.world, self.device, self.sampler = rank, world_size, device, sampler
+        self.per_step = micro_batch_size * world_size * grad_accum  # windows per optimizer step, all ranks
+        self.n_windows = (len(tokens) - 1) // seq_len             # non-overlapping windows of one pass
+        self.start_step, self.start_window = start
+        self.orders = {}                                           # epoch -> pass_order, the latest two
+
+    def windows_before(self, step):
+        """Global windows read before `step` (sampler=epoch's counter)."""
+        return self.start_window + (step - self.start_step) * self.per_step
+
+    def epoch(self, step):
+        """Passes over the data completed before `step`, as a fraction (1.5 = halfway through the second)."""
+        return self.windows_before(step) / self.n_windows
+
+    def starts(self, step, micro):
+        """Token offsets of the windows of rank `rank` at micro-step `micro` of `step`."""
+        first = (micro * self.world + self.rank) * self.mbs           # this rank's row in the global batch
+        if self.sampler == "random":
+            return window_offsets(self.seed, step, self.per_step, len(self.tokens), self.seq_len)[first:first + self.mbs]
+        k = self.windows_before(step) + first + np.arange(self.mbs)    # global window counters
+        epochs, index = np.divmod(k, self.n_windows)
+        return np.array([self.order(e)[i] for e, i in zip(epochs, index)]) * self.seq_len
+
+    def order(self, epoch):
+        if epoch not in self.orders:
+            self.orders = {e: o for e, o in self.orders.items() if e == epoch - 1}  # a step may straddle two
+            self.orders[epoch] = pass_order(self.seed, int(epoch), self.n_windows)
+        return self.orders[epoch]
 
     def batch(self, step, micro):
-        """(x, y) of rank `rank` at micro-step `micro` of `step`: rows (micro * world + rank) of the global batch."""
-        if self.cached[0] != step:
-            n = self.mbs * self.world * self.grad_accum
-            self.cached = (step, window_offsets(self.seed, step, n, len(self.tokens), self.seq_len))
-        first = (micro * self.world + self.rank) * self.mbs
-        offsets = self.cached[1][first:first + self.mbs]
-        return windows_at(self.tokens, offsets, self.seq_len, self.device)
+        return windows_at(self.tokens, self.starts(step, micro), self.seq_len, self.device)
 
 
 def windows_at(tokens, starts, seq_len, device):

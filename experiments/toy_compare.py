@@ -2,16 +2,18 @@
 LRC against KD and training from scratch, at equal tokens, in the toy world. One command:
 
     python experiments/toy_compare.py [--out=out/compare] [--seeds=3] [--threads=N] [--plot=PNG]
-        [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...] [--kd.key=value ...]
+        [--ablations] [--n_entities=N ...toy sizes] [config/FILE.py] [--key=value ...] [--kd.key=value ...]
         [--sweep.key=V1,V2,... ...]
 
 1. builds (or reuses) the toy world in OUT/data (data/toy.py: general text plus synthetic facts, half of
    them in the students' text too, half in the teacher's text only), and trains the toy teacher once
    (train.py, method=scratch, on the teacher's text; cached in OUT/teacher);
 2. for each seed trains three students of one shape (the LRC student's exported shape) with the same
-   token budget, batches (train.py draws the windows of step s from (seed, s) alone), initialisation seed
-   and evaluation points:  lrc (projections of the frozen teacher), kd (random init, L_KL + L_LM) and
-   scratch (random init, L_LM only);
+   token budget, batches (train.py's window order depends on the seed alone), initialisation seed and
+   evaluation points:  lrc (projections of the frozen teacher), kd (random init, L_KL + L_LM) and
+   scratch (random init, L_LM only); with --ablations also four LRC variants at lrc's settings
+   (ABLATIONS below): without the FFN clone terms, without the attention clone terms, with alpha=0,
+   and with the official code's attention-output term;
 3. evaluates the teacher and every student with eval_tiny: perplexity on val.txt (spec section 8) and
    multiple-choice recall of the facts the students saw (facts_seen.jsonl) and of the teacher-only
    facts (facts_unseen.jsonl); chance is 25%;
@@ -51,8 +53,16 @@ from lrc import LRCError, atomic_file, check_writable_dir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "config", "toy_compare.py")
 METHODS = ("lrc", "kd", "scratch")
-# this script's own options (the rest are train.py keys or data/toy.py sizes)
-OPTIONS = {"out": "out/compare", "seeds": "3", "threads": "0", "plot": None}
+# --ablations: LRC with parts of its objective switched off or replaced, each a row of its own, trained at the
+# lrc row's settings (budget, seeds, lr, tau) with these train.py keys on top
+ABLATIONS = {
+    "lrc-attn": {"clone_terms": "attn"},              # L_clone without the FFN terms (gate, up, down)
+    "lrc-ffn": {"clone_terms": "ffn"},                # L_clone without the attention terms (q, k, v, o)
+    "lrc-alpha0": {"alpha": 0.0},                     # weight generation with L_KL + L_LM only
+    "lrc-official-o": {"clone_attn_out": "teacher"},  # the official code's attention-output term (spec section 4)
+}
+# this script's own options (the rest are train.py keys or data/toy.py sizes); --ablations alone is a flag
+OPTIONS = {"out": "out/compare", "seeds": "3", "threads": "0", "plot": None, "ablations": False}
 # train.py keys this script sets itself for each run: overriding them would break the comparison
 RESERVED = {"method": "all three methods are trained", "out_dir": "use --out=DIR",
             "teacher": "the toy teacher is trained here", "data": "the toy world is built here",
@@ -83,6 +93,8 @@ def parse_args(argv):
                 sweep[name] = [_train_value(name, v, arg) for v in value.split(",") if v.strip()]
             else:
                 overrides[prefix][name] = _train_value(name, value, arg)
+        elif key == "ablations" and not eq:
+            options["ablations"] = True
         elif key in OPTIONS or key in DEFAULT_SIZES:
             if not eq:
                 raise LRCError(f"{arg!r}: write options as --{key}=VALUE")
@@ -97,6 +109,9 @@ def parse_args(argv):
             if eq:
                 shared.add(key)
     cfg = train.parse_args(train_args)
+    for name, keys in ABLATIONS.items():  # checked now, not when the row's turn to train comes
+        for key, value in keys.items():
+            train.KEYS.check(key, value, f"the {name} ablation")
     seeds = options["seeds"]
     if "," in str(seeds):
         options["seeds"] = [_int("seeds", s) for s in str(seeds).split(",") if s.strip()]
@@ -179,10 +194,11 @@ def read_curve(run_dir, tokens_per_step):
 
 
 def train_student(cfg, method, seed, settings, teacher_dir, paths, out, say=lambda msg: None):
-    """Train (or reuse) one student; returns its record (config, curve, training time)."""
+    """Train (or reuse) one student (method: lrc, kd, scratch or an ABLATIONS row, which trains method=lrc with
+    its keys in settings); returns its record (config, curve, training time)."""
     run_dir = os.path.join(out, "runs", run_name(method, seed, settings))
     # scratch gets the teacher too, for the student's shape only: train.py never reads its weights then
-    run = dict(cfg, **settings, method=method, seed=seed, teacher=teacher_dir, data=paths["student_tokens"],
+    run = dict(cfg, **settings, method="lrc" if method in ABLATIONS else method, seed=seed, teacher=teacher_dir, data=paths["student_tokens"],
                out_dir=run_dir, resume=False, overwrite=True, stop_step=None, save_interval=0, keep_last=1,
                wandb_project=None)
     # what makes a finished run reusable: the same settings, teacher weights and toy world
@@ -272,11 +288,11 @@ def mean_std(values):
     return mean, std
 
 
-def summarize(records, teacher_eval):
-    """Per method (and the teacher): each metric's values over seeds, mean and std."""
+def summarize(records, teacher_eval, names=METHODS):
+    """Per row (each method or ablation, and the teacher): each metric's values over seeds, mean and std."""
     rows = {"teacher": {"val_ppl": [teacher_eval["val_ppl"]], "seen_acc": [teacher_eval["facts_seen"]["acc"]],
                         "unseen_acc": [teacher_eval["facts_unseen"]["acc"]]}}
-    for method in METHODS:
+    for method in names:
         mine = [r for r in records if r["method"] == method]
         rows[method] = {"val_ppl": [r["eval"]["val_ppl"] for r in mine],
                         "seen_acc": [r["eval"]["facts_seen"]["acc"] for r in mine],
@@ -318,7 +334,7 @@ def table(summary, n_seeds, teacher_tokens, budget, bound=False):
     rows = [["teacher", fmt(summary["teacher"]["val_ppl"], "f"), fmt(summary["teacher"]["seen_acc"], "pct"),
              fmt(summary["teacher"]["unseen_acc"], "pct"), f"(trained on {count(teacher_tokens)} teacher tokens)",
              "-"]]
-    for method in METHODS:
+    for method in (name for name in summary if name != "teacher"):
         s = summary[method]
         rows.append([method, fmt(s["val_ppl"], "f"), fmt(s["seen_acc"], "pct"), fmt(s["unseen_acc"], "pct"),
                      fmt(s["tokens_to_kd"], "tokens"), fmt(s["train_s"], "s")])
@@ -342,9 +358,10 @@ def plot(records, summary, teacher_eval, path, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    colors = {"lrc": "tab:red", "kd": "tab:blue", "scratch": "tab:gray"}
+    colors = {"lrc": "tab:red", "kd": "tab:blue", "scratch": "tab:gray", "lrc-attn": "tab:orange",
+              "lrc-ffn": "tab:green", "lrc-alpha0": "tab:purple", "lrc-official-o": "tab:brown"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
+    for method in (name for name in summary if name != "teacher"):
         curves = [r["curve"] for r in records if r["method"] == method]
         n = min(len(c) for c in curves)
         tokens = [curves[0][i][0] / 1e3 for i in range(n)]
@@ -369,6 +386,44 @@ def plot(records, summary, teacher_eval, path, title):
 
 
 # -----------------------------------------------------------------------------
+
+def tune(student, settings, sweep, seed, say):
+    """The same tuning for every method: each method's grid is the product of the swept values of the keys it
+    uses; the lowest final validation loss on the first seed wins (its run is that seed's result). Updates
+    settings in place; returns the sweep's rows for results.json."""
+    sweep_rows = []
+    for method in METHODS:
+        keys = [k for k in sweep if k not in UNUSED[method]]
+        if not keys:
+            continue
+        say(f"sweep {method} on seed {seed}: " + ", ".join(f"{k} in {sweep[k]}" for k in keys))
+        tried = [student(method, seed, dict(settings[method], **dict(zip(keys, values))))
+                 for values in itertools.product(*(sweep[k] for k in keys))]
+        sweep_rows += [{"method": method, "seed": seed, "settings": r["settings"],
+                        "final_val_loss": r["final_val_loss"]} for r in tried]
+        settings[method] = min(tried, key=lambda r: r["final_val_loss"])["settings"]
+    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in METHODS)
+        + (" (sweep winners)" if sweep else ""))
+    return sweep_rows
+
+
+def evaluate_runs(records, evaluate, teacher_dir, seeds):
+    """Evaluate the teacher and each run (cached in its compare_run.json), and the tokens each run took to
+    reach its seed's KD student's final validation loss. Returns the teacher's evaluation."""
+    teacher_eval = evaluate(teacher_dir, curve_loss=True)
+    for record in records:
+        if "eval" not in record:
+            record["eval"] = evaluate(record["run_dir"])
+            write_json(os.path.join(record["run_dir"], "compare_run.json"), record)
+    for seed in seeds:
+        target = next(r["final_val_loss"] for r in records if r["method"] == "kd" and r["seed"] == seed)
+        for r in records:
+            if r["seed"] == seed:
+                r["tokens_to_kd"] = tokens_to_reach(r["curve"], target)
+                # reached at the first evaluation: the count is an upper bound
+                r["tokens_to_kd_bound"] = r["tokens_to_kd"] is not None and r["tokens_to_kd"] == r["curve"][0][0]
+    return teacher_eval
+
 
 def describe(settings):
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(settings.items()))
@@ -402,46 +457,21 @@ def compare(argv):
             f"{record['tokens']:,} tokens ({record['train_s']:.0f} s)")
         return record
 
-    # the same tuning for every method: each method's grid is the product of the swept values of the keys
-    # it uses; the lowest final validation loss on the first seed wins (its run is that seed's result)
-    sweep_rows = []
-    for method in METHODS:
-        keys = [k for k in sweep if k not in UNUSED[method]]
-        if not keys:
-            continue
-        say(f"sweep {method} on seed {seeds[0]}: " + ", ".join(f"{k} in {sweep[k]}" for k in keys))
-        tried = [student(method, seeds[0], dict(settings[method], **dict(zip(keys, values))))
-                 for values in itertools.product(*(sweep[k] for k in keys))]
-        sweep_rows += [{"method": method, "seed": seeds[0], "settings": r["settings"],
-                        "final_val_loss": r["final_val_loss"]} for r in tried]
-        settings[method] = min(tried, key=lambda r: r["final_val_loss"])["settings"]
-    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in METHODS)
-        + (" (sweep winners)" if sweep else ""))
-    records = [student(method, seed, settings[method]) for seed in seeds for method in METHODS]
-
+    sweep_rows = tune(student, settings, sweep, seeds[0], say)
+    rows = METHODS + (tuple(ABLATIONS) if options["ablations"] else ())
+    for name in ABLATIONS:  # each ablation: the lrc row's settings with its keys on top
+        settings[name] = {**settings["lrc"], **ABLATIONS[name]}
+    records = [student(name, seed, settings[name]) for seed in seeds for name in rows]
     say("evaluating (eval_tiny: perplexity on val.txt, multiple choice on the facts)")
-    evaluate = Evaluator(cfg, paths, teacher_dir)
-    teacher_eval = evaluate(teacher_dir, curve_loss=True)
-    for record in records:
-        if "eval" not in record:
-            record["eval"] = evaluate(record["run_dir"])
-            write_json(os.path.join(record["run_dir"], "compare_run.json"), record)
-    for seed in seeds:  # the target of each seed is that seed's KD student's final validation loss
-        target = next(r["final_val_loss"] for r in records if r["method"] == "kd" and r["seed"] == seed)
-        for r in records:
-            if r["seed"] == seed:
-                r["tokens_to_kd"] = tokens_to_reach(r["curve"], target)
-                # reached at the first evaluation: the count is an upper bound
-                r["tokens_to_kd_bound"] = r["tokens_to_kd"] is not None and r["tokens_to_kd"] == r["curve"][0][0]
-
-    summary = summarize(records, teacher_eval)
+    teacher_eval = evaluate_runs(records, Evaluator(cfg, paths, teacher_dir), teacher_dir, seeds)
+    summary = summarize(records, teacher_eval, rows)
     with open(os.path.join(teacher_dir, "config.json")) as f:
         recipe = json.load(f)["lrc_toy_teacher"]
     teacher_tokens = recipe["steps"] * recipe["tokens_per_step"]
     text = table(summary, len(seeds), teacher_tokens, budget, any(r["tokens_to_kd_bound"] for r in records))
     say("")
     say(text)
-    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in METHODS))
+    say("settings: " + "; ".join(f"{m} {describe(settings[m])}" for m in rows))
     lrc_tokens, kd_tokens = summary["lrc"]["tokens_to_kd"]["mean"], summary["kd"]["tokens_to_kd"]["mean"]
     if lrc_tokens and kd_tokens and summary["lrc"]["tokens_to_kd"]["values"].count(None) == 0:
         say(f"LRC reaches the KD student's final validation loss after {lrc_tokens / kd_tokens:.0%} of KD's "
@@ -452,8 +482,8 @@ def compare(argv):
     say(f"plot: {png}" if png else "plot: skipped, matplotlib is not installed (pip install matplotlib); the "
                                    "table above and results.json hold every number")
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
-    results = {"command": "python experiments/toy_compare.py " + " ".join(argv), "seeds": seeds, "settings": settings,
-               "sweep": sweep, "sweep_runs": sweep_rows, "toy_sizes": sizes, "student_config": cfg,
+    results = {"command": "python experiments/toy_compare.py " + " ".join(argv), "seeds": seeds, "rows": rows,
+               "settings": settings, "sweep": sweep, "sweep_runs": sweep_rows, "toy_sizes": sizes, "student_config": cfg,
                "budget_tokens": budget, "teacher": {"dir": teacher_dir, "train_tokens": teacher_tokens, **teacher_eval},
                "runs": records, "summary": summary, "table": text, "plot": png, "wall_s": wall, "cpu_s": cpu,
                "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}

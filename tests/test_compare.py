@@ -79,6 +79,29 @@ def test_the_command_runs_every_method_on_equal_terms(compared):
         assert json.load(f)["table"] == results["table"]
 
 
+def test_ablations_are_lrc_rows_with_their_keys_at_lrc_settings(tmp_path):
+    no_sweep = [a for a in TINY if not a.startswith(("--seeds=", "--sweep."))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)
+        results = toy_compare.compare([f"--out={tmp_path}", "--seeds=1", "--ablations"] + no_sweep)
+    assert list(results["rows"]) == ["lrc", "kd", "scratch"] + list(toy_compare.ABLATIONS)
+    runs = {r["method"]: r for r in results["runs"]}
+    lrc_config = dict(runs["lrc"]["identity"]["config"])
+    for name, keys in toy_compare.ABLATIONS.items():
+        config = dict(runs[name]["identity"]["config"])
+        assert config.pop("method") == "lrc" and {k: config[k] for k in keys} == keys
+        different = {k for k in config if config[k] != lrc_config[k]}
+        assert different == set(keys) | {"out_dir"}, name            # the same budget, seed, lr and tau
+        assert f"| {name}" in results["table"]
+    # what each one trained: no clone term at alpha = 0; attention-only and FFN-only clone something else
+    clones = {}
+    for name in ("lrc", "lrc-attn", "lrc-ffn", "lrc-alpha0"):
+        with open(os.path.join(runs[name]["run_dir"], "metrics.jsonl")) as f:
+            clones[name] = [json.loads(line)["clone"] for line in f if '"loss"' in line]
+    assert all(c == 0.0 for c in clones["lrc-alpha0"]) and clones["lrc"][0] > 0
+    assert clones["lrc-attn"][0] + clones["lrc-ffn"][0] == pytest.approx(clones["lrc"][0], rel=1e-4)
+
+
 def test_curves_are_what_eval_tiny_measures(compared):
     """train.py's validation loss (the curves) equals eval_tiny's loss on the same windows for every method,
     LRC included (train-time student vs exported Qwen2): the methods are compared on one quantity."""

@@ -731,10 +731,11 @@ def student_layer_weights(model):
                  down=s.P_down @ t["down"]) for t, s in zip(teacher_layer_weights(model.teacher), model.layers)]
 
 
-def reference_loss(model, idx, targets, inv_freq=None):
-    """Every term of L = L_KL + L_LM + alpha * L_clone, from the definitions in spec section 4. The
-    attention-output term as model.clone_attn_out asks: E(o_s, o_t @ P_o.T) ('student') or, the official
-    code's, E(a_s @ W_o.T, a_t @ W_o.T) at teacher width with the teacher's frozen W_o ('teacher')."""
+def reference_loss(model, idx, targets, inv_freq=None, terms=("q", "k", "v", "gate", "up", "o", "down")):
+    """Every term of L = L_KL + L_LM + alpha * L_clone, from the definitions in spec section 4; L_clone over
+    `terms` only. The attention-output term as model.clone_attn_out asks: E(o_s, o_t @ P_o.T) ('student')
+    or, the official code's, E(a_s @ W_o.T, a_t @ W_o.T) at teacher width with the teacher's frozen W_o
+    ('teacher')."""
     teacher, c = model.teacher, model.teacher.config
     E, W_lm, norm_t = teacher.model.embed_tokens.weight, teacher.lm_head.weight, teacher.model.norm.weight
     tw, sw = teacher_layer_weights(teacher), student_layer_weights(model)
@@ -747,12 +748,14 @@ def reference_loss(model, idx, targets, inv_freq=None):
     clone = 0.0
     for layer, t, a_s, a_t in zip(model.layers, tw, acts_s, acts_t):
         for name in ("q", "k", "v", "gate", "up"):
-            clone = clone + ((a_s[name] - a_t[name]) ** 2).mean()
-        if model.clone_attn_out == "teacher":
+            if name in terms:
+                clone = clone + ((a_s[name] - a_t[name]) ** 2).mean()
+        if "o" in terms and model.clone_attn_out == "teacher":
             clone = clone + ((a_s["attn"] @ t["o"].T - a_t["attn"] @ t["o"].T) ** 2).mean()
-        else:
+        elif "o" in terms:
             clone = clone + ((a_s["o"] - a_t["o"] @ layer.P_o.T) ** 2).mean()
-        clone = clone + ((a_s["ffn_out"] - a_t["ffn_out"] @ layer.P_down.T) ** 2).mean()
+        if "down" in terms:
+            clone = clone + ((a_s["ffn_out"] - a_t["ffn_out"] @ layer.P_down.T) ** 2).mean()
     B, tau = idx.shape[0], model.tau
     p = torch.softmax(z_t / tau, -1)
     kl = (p * (torch.log_softmax(z_t / tau, -1) - torch.log_softmax(z_s / tau, -1))).sum() / B
@@ -829,6 +832,47 @@ def test_clone_attn_out_teacher_is_the_official_term():
     with pytest.raises(lrc.LRCError) as e:
         lrc.LRC(teacher, 16, clone_attn_out="official")
     assert_one_line_error(e, "clone_attn_out", "official", "student", "teacher")
+
+
+@pytest.mark.parametrize("clone_terms, terms", [("attn", ("q", "k", "v", "o")), ("ffn", ("gate", "up", "down")),
+                                               ("q,down", ("q", "down")), ("none", ())])
+def test_selected_clone_terms_match_reference_and_cost_nothing_else(clone_terms, terms, base_ckpt, monkeypatch):
+    path, _ = base_ckpt
+    torch.manual_seed(0)
+    model = lrc.LRC(lrc.load_qwen2(path), 20, tie_proj=False, init_std=0.25, clone_terms=clone_terms)
+    assert model.clone_terms == tuple(t for t in lrc.CLONE_TERMS if t in terms)
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=7)
+    calls = {"mse": 0}
+    real_mse = F.mse_loss
+
+    def counting_mse(*args, **kwargs):
+        calls["mse"] += 1
+        return real_mse(*args, **kwargs)
+    monkeypatch.setattr(F, "mse_loss", counting_mse)
+    loss, parts = model(idx, targets)
+    assert calls["mse"] == len(terms) * model.teacher.config.num_hidden_layers  # unselected terms: not computed
+    ref_loss, ref = reference_loss(model, idx, targets, terms=terms)
+    assert num(parts["clone"]) == pytest.approx(float(ref["clone"]), rel=1e-5, abs=1e-9)
+    assert (num(parts["clone"]) == 0) == (not terms)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref_loss, trainable)
+    loss.backward()
+    for p, g in zip(trainable, ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_zero_is_weight_generation_with_kl_and_lm_only(base_ckpt):
+    path, _ = base_ckpt
+    torch.manual_seed(0)
+    model = lrc.LRC(lrc.load_qwen2(path), 20, alpha=0.0, init_std=0.25)
+    assert model.clone_terms == ()
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=7)
+    loss, parts = model(idx, targets)
+    _, ref = reference_loss(model, idx, targets, terms=())
+    assert num(parts["clone"]) == 0.0
+    assert num(loss) == pytest.approx(float(ref["kl"] + ref["lm"]), rel=1e-5)
+    with pytest.raises(lrc.LRCError, match="clone term 'gat'"):
+        lrc.LRC(lrc.load_qwen2(path), 20, clone_terms="q,gat")
 
 
 # -----------------------------------------------------------------------------

@@ -166,6 +166,39 @@ def test_schedule_warmup_then_decay():
     assert cos[55] == pytest.approx(0.55) and cos[30] > lrs[30]
 
 
+def windows_read(tokens, steps, world_size=1, grad_accum=1, mbs=2, seq_len=4, sampler="epoch", start=(0, 0), seed=3):
+    """Every window start read in `steps`, in the order of the global batch (micro-step, then rank)."""
+    ranks = [loader.TokenWindows(tokens, seed, seq_len, mbs, r, world_size, grad_accum, torch.device("cpu"),
+                                 sampler, start) for r in range(world_size)]
+    return [int(s) for step in steps for m in range(grad_accum) for w in ranks for s in w.starts(step, m)]
+
+
+def test_epoch_sampler_reads_every_window_once_per_pass():
+    tokens = np.arange(4 * 12 + 1)                          # 12 non-overlapping windows of seq_len + 1 = 5 tokens
+    read = windows_read(tokens, range(12))                  # 12 steps x 2 windows = two passes
+    first, second = read[:12], read[12:]
+    assert sorted(first) == sorted(second) == list(range(0, 48, 4))   # each window once per pass
+    assert first != second and first != sorted(first)       # shuffled, and differently in each pass
+    w = loader.TokenWindows(tokens, 3, 4, 2, 0, 1, 1, torch.device("cpu"))
+    assert w.epoch(6) == 1.0 and w.epoch(9) == 1.5
+    x, y = w.batch(0, 0)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 4)     # y is x shifted by one token
+    # the old sampler, for comparison: with replacement, so a pass can repeat and miss windows
+    random = windows_read(tokens, range(6), sampler="random")
+    assert random == windows_read(tokens, range(6), sampler="random") and random != first
+
+
+def test_epoch_sampler_is_the_same_for_any_world_size_and_after_resume():
+    tokens = np.arange(4 * 50 + 1)
+    one = windows_read(tokens, range(10), world_size=1, grad_accum=4)
+    assert windows_read(tokens, range(10), world_size=2, grad_accum=2) == one
+    assert windows_read(tokens, range(10), world_size=4, grad_accum=1) == one
+    # resumed at step 6 with the count its checkpoint records (6 steps x 8 windows), as train.py does
+    assert windows_read(tokens, range(6, 10), world_size=2, grad_accum=2, start=(6, 48)) == one[48:]
+    # a resumed run may change the batch: the count continues where the checkpoint left it
+    assert windows_read(tokens, range(6, 8), world_size=1, grad_accum=2, start=(6, 48)) == one[48:56]
+
+
 def test_window_sampling_is_a_pure_function_of_seed_and_step():
     a = loader.window_offsets(1, 5, 8, 1000, 16)
     assert np.array_equal(a, loader.window_offsets(1, 5, 8, 1000, 16))
@@ -180,7 +213,7 @@ def test_lrc_run_writes_the_checkpoint_format(world, tmp_path, capsys):
     summary = train.train(config(world, tmp_path, max_steps=12, log_interval=4, eval_tokens=256,
                                  wandb_project="nope"))
     out = capsys.readouterr().out
-    assert "step 12/12 | loss" in out and "tok/s" in out and "python convert.py --ckpt=" in out
+    assert "step 12/12 | epoch" in out and "tok/s" in out and "python convert.py --ckpt=" in out
     assert "wandb is not installed" in out or "wandb" in sys.modules
     assert summary["last"]["loss"] < summary["first"]["loss"]
     assert summary["last"]["clone"] < summary["first"]["clone"]
@@ -197,6 +230,8 @@ def test_lrc_run_writes_the_checkpoint_format(world, tmp_path, capsys):
         {"exp_avg", "exp_avg_sq", "step"}
     state = json.load(open(os.path.join(ckpt, "state.json")))
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 128 and state["method"] == "lrc"
+    assert state["sampler"] == "epoch" and state["data"]["next_window"] == 12 * 128 // 16
+    assert state["data"]["epoch"] == pytest.approx(12 * 8 / ((5000 - 1) // 16))
     assert state["teacher"] == world["teacher"] and state["lrc_version"] == 1
     assert state["teacher_config"] == teacher.config.to_dict()
     assert state["student_config"] == model.student_config.to_dict()
@@ -327,7 +362,8 @@ def test_resume_refuses_another_teacher_or_student(world, tmp_path):
     for overrides, expected in [({"student_hidden": 24}, "student_hidden=16"),
                                 ({"teacher": other_shape}, "different teacher (head_dim 8 in the checkpoint, 12 now)"),
                                 ({"teacher": other_weights}, "other teacher weights"),
-                                ({"method": "kd"}, "method='lrc'")]:
+                                ({"method": "kd"}, "method='lrc'"),
+                                ({"sampler": "random"}, "sampler='epoch', this run has 'random'")]:
         with pytest.raises(lrc.LRCError) as e:
             train.train(config(world, out, max_steps=4, resume=True, **overrides))
         assert expected in assert_one_line(e), str(e.value)
@@ -405,7 +441,7 @@ def test_toy_path_builds_caches_and_distils(tmp_path, capsys):
                 tokens_per_step=128, micro_batch_size=4, student_hidden=8, eval_tokens=256, log_interval=1)
     summary = train.train(tiny)
     out = capsys.readouterr().out
-    assert "toy teacher: training" in out and "[teacher] step 2/2" in out and "step 2/2 | loss" in out
+    assert "toy teacher: training" in out and "[teacher] step 2/2" in out and "step 2/2 | epoch" in out
     teacher = os.path.join(str(tmp_path), "teacher")
     assert summary["teacher"] == teacher and os.path.isfile(os.path.join(teacher, "tokenizer.json"))
     assert lrc.load_qwen2(teacher).config.hidden_size == 32
