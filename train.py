@@ -308,6 +308,7 @@ class Job:
         """state.json of a checkpoint at `step` (format in checkpoint.py)."""
         cfg = self.run.cfg
         return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
+                **checkpoint.teacher_location(self.teacher, cfg["out_dir"]),  # a copied run finds its teacher
                 "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
                 "data": {"path": self.data.path, "tokenizer_sha256": self.data.meta["tokenizer_sha256"],
                          "n_tokens": len(self.data.train_tokens), "next_step": step,
