@@ -30,7 +30,7 @@ import lrc
 from lrc import LRCError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
-METHODS = ("lrc", "kd", "scratch")
+METHODS = ("lrc", "kd", "scratch", "sft")
 # what a model directory needs besides its weights, copied from the teacher (spec section 5)
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json"]
@@ -215,6 +215,9 @@ def check_resumable(state, path, now):
     if sampler != now["sampler"]:
         refuse(f"sampler={sampler!r}, this run has {now['sampler']!r} (its windows would not continue the run's)",
                f"pass --sampler={sampler}")
+    if "data_sources" in state and len(state["data_sources"]) != len(now["data_sources"]):
+        refuse(f"{len(state['data_sources'])} data source(s), this run has {len(now['data_sources'])} (the sampler "
+               f"counts each source's windows)", "pass the checkpoint's --data")
     teacher_hint = f"pass --teacher={state.get('teacher')}, or start a fresh run in another out_dir"
     if json.dumps(state.get("teacher_config"), sort_keys=True) != json.dumps(now["teacher_config"], sort_keys=True):
         key, then, current = first_difference(state.get("teacher_config"), now["teacher_config"])
@@ -339,7 +342,7 @@ def _load_baseline(ckpt_dir, state, teacher, device, dtype):
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
     if student_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    teacher_ref = teacher or state.get("teacher")
+    teacher_ref = teacher or state.get("teacher") or state.get("init_from")  # sft: the checkpoint it tuned
     if teacher_ref:  # only for its tokenizer files: the weights are not needed
         teacher_dir = teacher if teacher else resolve_teacher(teacher_ref, ckpt_dir, state)
         if os.path.isfile(os.path.join(teacher_dir, "config.json")):

@@ -190,6 +190,19 @@ def open_tokens(directory, split="train", vocab_size=None, tokenizer_sha256=None
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(n_tokens,))
 
 
+def open_mask(directory, split="train"):
+    """Read-only np.memmap (uint8) of DIR/{split}.mask, the per-token loss mask of chat data (meta.json's
+    "loss_mask"): 1 on the tokens an SFT step trains on (the assistant's), 0 elsewhere; one byte per token of
+    {split}.bin."""
+    meta = read_meta(directory)
+    n_tokens = int(meta["n_tokens"][split])
+    path = os.path.join(directory, f"{split}.mask")
+    if not os.path.isfile(path) or os.path.getsize(path) != n_tokens:
+        raise LRCError(f"{path} is missing or does not hold one byte per token of {split}.bin ({n_tokens}), although "
+                       f"meta.json lists a loss mask: prepare the directory again")
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(n_tokens,))
+
+
 # -----------------------------------------------------------------------------
 # reading inputs: the main process only cuts raw bytes into batches; decoding, JSON parsing and
 # tokenizing happen in the workers, so they scale with --num_proc.
