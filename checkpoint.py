@@ -7,9 +7,10 @@ eval_tiny.py and the experiments read it.
                                (P_emb, layers.0.P_q, ...), or a kd / scratch student's whole Qwen2 state
                                with Hugging Face names (lm_head.weight omitted when tied)
         optimizer.safetensors  AdamW state as "{field}.{parameter name}" (exp_avg.P_emb, step.P_emb, ...)
-        state.json             step, tokens seen, method, the teacher (as given) with its config and a
-                               fingerprint of its weights, the student's config, the full run config, RNG
-                               states and how the data was read
+        state.json             step, tokens seen, method, the teacher (as given, and where it was:
+                               teacher_path, absolute, and teacher_in_run, relative to OUT_DIR when it lives
+                               inside it) with its config and a fingerprint of its weights, the student's
+                               config, the full run config, RNG states and how the data was read
 
 A checkpoint is written to a temporary directory and renamed into place (lrc.atomic_directory): a kill
 during a save leaves the previous checkpoint intact. Nothing is pickled.
@@ -247,14 +248,31 @@ def teacher_fingerprint(path):
     return h.hexdigest()
 
 
-def resolve_teacher(recorded: str, ckpt_dir: str, state: dict) -> str:
-    """Where the teacher recorded in state.json lives now. An absolute path or hub id is used as is. A
-    relative path (the toy teacher, written into the output directory) is tried, in order, relative to
-    the current directory, to the directory training ran from (inferred from the recorded out_dir),
-    to the output directory's parent, and to the output directory itself, so that converting works
-    from the repository root, from elsewhere, and after the output directory was moved."""
-    if os.path.isabs(recorded):
-        return recorded
+def is_model_dir(path) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def looks_like_hub_id(ref) -> bool:
+    """'owner/name' that is no local path (lrc.resolve_checkpoint's rule)."""
+    return not os.path.exists(ref) and not ref.startswith((".", "/")) and ref.count("/") == 1
+
+
+def teacher_location(teacher, out_dir) -> dict:
+    """What state.json records, besides the teacher as given, so that a run copied or moved elsewhere finds
+    its teacher (resolve_teacher): teacher_path, the absolute path of a local teacher directory (None for a
+    hub id), and teacher_in_run, its path relative to the run directory when it lives inside it (the toy
+    teacher: "teacher"), else None."""
+    if not teacher or not os.path.isdir(teacher):
+        return {"teacher_path": None, "teacher_in_run": None}
+    path, run = os.path.abspath(teacher), os.path.abspath(out_dir)
+    inside = path.startswith(run + os.sep)
+    return {"teacher_path": path, "teacher_in_run": os.path.relpath(path, run) if inside else None}
+
+
+def _legacy_bases(ckpt_dir, state) -> list:
+    """Where a teacher recorded relative to the training directory may be, for checkpoints that record only
+    the teacher as given: the current directory, the directory training ran from (inferred from the recorded
+    out_dir), the output directory's parent and the output directory itself."""
     out_dir = os.path.dirname(os.path.abspath(ckpt_dir))
     bases = [os.getcwd()]
     recorded_out = (state.get("config") or {}).get("out_dir")
@@ -263,12 +281,46 @@ def resolve_teacher(recorded: str, ckpt_dir: str, state: dict) -> str:
         parts = os.path.normpath(recorded_out).split(os.sep)
         if out_dir.split(os.sep)[-len(parts):] == parts:
             bases.append(os.sep.join(out_dir.split(os.sep)[:-len(parts)]) or os.sep)
-    bases += [os.path.dirname(out_dir), out_dir]
-    for base in bases:
-        candidate = os.path.join(base, recorded)
-        if os.path.isfile(os.path.join(candidate, "config.json")):
+    return bases + [os.path.dirname(out_dir), out_dir]
+
+
+def resolve_teacher(ckpt_dir: str, state: dict, explicit=None, weights=True) -> str:
+    """Where the teacher of checkpoint ckpt_dir lives now: a local directory, or a hub id for
+    lrc.resolve_checkpoint to fetch. Tried in this order (docs/evaluation.md):
+      1. explicit (--teacher), as given (checked by the caller);
+      2. the absolute path recorded at training time (teacher_path);
+      3. the path relative to the run directory (teacher_in_run), from where the checkpoint lives now: a run
+         copied or moved with its teacher inside (the toy's OUT_DIR/teacher) finds it from any directory;
+      4. the teacher as given: as is, or relative to the places _legacy_bases lists (checkpoints older than
+         teacher_path record only this);
+      5. the teacher as given as a hub id, unless training recorded it as a local directory.
+    A local candidate counts only if it is the training teacher (check_teacher_identity; its weights too
+    unless weights=False): a copied run whose original teacher was since retrained in place uses its own
+    copy. None of them: one line naming --teacher=DIR."""
+    if explicit:
+        return explicit
+    given = state.get("teacher")
+    if not given:
+        raise LRCError(f"{ckpt_dir}/state.json records no teacher: pass it with --teacher=DIR (or a hub id)")
+    run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+    candidates = [state.get("teacher_path")]
+    if state.get("teacher_in_run"):
+        candidates.append(os.path.join(run_dir, state["teacher_in_run"]))
+    candidates += [given] if os.path.isabs(given) else [os.path.join(b, given) for b in _legacy_bases(ckpt_dir, state)]
+    other = None  # the first local teacher found that is not the training teacher
+    for candidate in filter(is_model_dir, candidates):
+        try:
+            check_teacher_identity(candidate, state, candidate, weights=weights)
             return candidate
-    return recorded  # not found locally: a hub id (lrc.resolve_checkpoint downloads it or explains)
+        except LRCError as e:
+            other = other or e
+    if other is not None:
+        raise other
+    if not state.get("teacher_path") and looks_like_hub_id(given):
+        return given
+    where = f" (at training time {state['teacher_path']})" if state.get("teacher_path") not in (None, given) else ""
+    raise LRCError(f"cannot find teacher {given!r}{where} of checkpoint {ckpt_dir}, neither where it was nor "
+                   f"inside the run directory: pass the teacher directory with --teacher=DIR")
 
 
 def check_teacher_identity(teacher_dir: str, state: dict, teacher_ref: str, weights=True):
@@ -302,7 +354,7 @@ def tokenizer_dir(ref: str) -> str:
         return huggingface_hub.snapshot_download(ref, allow_patterns=TOKENIZER_FILES)
     except Exception as e:
         raise LRCError(f"cannot find the tokenizer of teacher {ref!r} ({type(e).__name__}): pass the teacher "
-                       f"directory with --teacher=PATH") from None
+                       f"directory with --teacher=DIR") from None
 
 
 # -----------------------------------------------------------------------------
@@ -344,8 +396,8 @@ def _load_baseline(ckpt_dir, state, teacher, device, dtype):
         model.lm_head.weight = model.model.embed_tokens.weight
     teacher_ref = teacher or state.get("teacher") or state.get("init_from")  # sft: the checkpoint it tuned
     if teacher_ref:  # only for its tokenizer files: the weights are not needed
-        teacher_dir = teacher if teacher else resolve_teacher(teacher_ref, ckpt_dir, state)
-        if os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        teacher_dir = resolve_teacher(ckpt_dir, state, teacher, weights=False)
+        if is_model_dir(teacher_dir):
             check_teacher_identity(teacher_dir, state, teacher_ref, weights=False)
         state["teacher_dir"] = teacher_dir
     return model.requires_grad_(False)
@@ -354,9 +406,14 @@ def _load_baseline(ckpt_dir, state, teacher, device, dtype):
 def _load_lrc(ckpt_dir, state, teacher, device, dtype):
     """An LRC checkpoint: lrc.LRC around its teacher, with the trained projections and norms."""
     teacher_ref = teacher or state.get("teacher")
-    if not teacher_ref:
-        raise LRCError(f"{ckpt_dir}/state.json records no teacher: pass it with --teacher=PATH_OR_ID")
-    teacher_dir = lrc.resolve_checkpoint(teacher if teacher else resolve_teacher(teacher_ref, ckpt_dir, state))
+    found = resolve_teacher(ckpt_dir, state, teacher)
+    try:
+        teacher_dir = lrc.resolve_checkpoint(found)
+    except LRCError as e:  # a recorded hub id that cannot be fetched (offline): say how to pass a local copy
+        if teacher:
+            raise
+        raise LRCError(f"cannot load teacher {found!r} of {ckpt_dir} ({e}): pass a local copy with "
+                       f"--teacher=DIR") from None
     check_teacher_identity(teacher_dir, state, teacher_ref)  # before loading gigabytes of weights
     model = lrc.LRC(lrc.load_qwen2(teacher_dir, device=device, dtype=dtype), state["student_hidden"],
                     tie_proj=state["tie_proj"])

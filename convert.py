@@ -11,8 +11,11 @@ For an LRC run the projections are multiplied into plain weights in float32 and 
 (hidden_size = d_s, explicit head_dim, the right tie_word_embeddings, and an "lrc" record of how it
 was made), safetensors weights (sharded with model.safetensors.index.json above --max_shard_size, as
 Hugging Face does), and the teacher's tokenizer and generation config. transformers,
-lm-evaluation-harness and vLLM (--model-impl transformers, because of the explicit head_dim) load it
-with no custom code.
+lm-evaluation-harness and vLLM load it with no custom code; vLLM only with --model-impl transformers
+when head_dim != hidden_size / num_attention_heads (an LRC student's case), which convert.py then says.
+
+The teacher is the one state.json records, found as checkpoint.resolve_teacher documents (so a run directory
+copied or moved elsewhere still converts), or --teacher.
 
 The checkpoint is read by checkpoint.py, the one owner of the format train.py writes.
 """
@@ -127,6 +130,22 @@ def main(argv=None):
     print(f"wrote {out}: {family} hidden_size={config['hidden_size']} head_dim={config['head_dim']} "
           f"tie_word_embeddings={config['tie_word_embeddings']} dtype={config['torch_dtype']} "
           f"({record['method']}, step {record['step']}, {record['tokens_seen']} tokens seen)")
+    note = vllm_note(config, out)
+    if note:
+        print(note)
+
+
+def vllm_note(config: dict, out: str):
+    """The one line a user serving the student with vLLM must see, or None: vLLM's own Qwen2 takes the head
+    size from hidden_size / num_attention_heads and ignores an explicit head_dim, so on an LRC student (whose
+    head_dim is the teacher's) it refuses the shape or, worse, loads trimmed weights and generates wrong tokens
+    without a warning; its transformers backend reads head_dim (docs/evaluation.md, what was measured)."""
+    hidden, heads, head_dim = config["hidden_size"], config["num_attention_heads"], config.get("head_dim")
+    if head_dim is None or head_dim * heads == hidden:
+        return None
+    return (f"vLLM: serve it with --model-impl transformers (vllm serve {out} --model-impl transformers): "
+            f"head_dim={head_dim} is not hidden_size/num_attention_heads={hidden}/{heads}, and vLLM's own Qwen2 "
+            f"ignores head_dim (it refuses the shape or generates wrong tokens)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Reported, per model:
   - zero-shot multiple choice on each --mc jsonl ({"question", "choices", "answer"}), scored as
     lm-evaluation-harness does: acc (summed log-likelihood of the choice) and acc_norm (per character);
   - a generation from --prompt (greedy by default; --temperature / --top_k to sample), with a KV cache.
+All text (documents, questions, choices, the prompt) is text: a special-token string inside it, such as a
+literal "<|endoftext|>", is split as ordinary text, never read as the control token (data.prepare.encode_text).
+A training output directory finds its teacher as checkpoint.resolve_teacher documents, also after it was
+copied or moved elsewhere; --teacher overrides it.
 bfloat16 on GPU, float32 on CPU unless --dtype says otherwise. --json=FILE writes every number.
 perplexity(), score_mc() and generate() are importable.
 """
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 import lrc
 from checkpoint import find_checkpoint, load_checkpoint, tokenizer_dir
 from configurator import ArgumentParser, run_main
-from data.prepare import TXT_SPLITS, input_kind, load_tokenizer, open_tokens, prepare
+from data.prepare import TXT_SPLITS, encode_text, input_kind, load_tokenizer, open_tokens, prepare
 
 
 # -----------------------------------------------------------------------------
@@ -134,9 +138,10 @@ def model_max_len(path) -> int:
 # Perplexity (spec section 8)
 
 def text_tokens(file, token_dir, text_field="text", txt_split="file") -> torch.Tensor:
-    """A .txt / .jsonl file tokenized by data/prepare.py itself (per document, no special tokens, eos
-    after each document: spec sections 7 and 8), so perplexity on text equals perplexity on the .bin
-    that prepare.py makes of it. .txt: --txt_split=file (one document), paragraph or line."""
+    """A .txt / .jsonl file tokenized by data/prepare.py itself (per document, no special tokens added,
+    special-token strings in the text split as text, eos after each document: spec sections 7 and 8), so
+    perplexity on text equals perplexity on the .bin that prepare.py makes of it. .txt: --txt_split=file
+    (one document), paragraph or line."""
     with tempfile.TemporaryDirectory() as tmp:
         prepare(token_dir, [file], tmp, text_field=text_field, txt_split=txt_split, progress=False)
         return torch.from_numpy(open_tokens(tmp, "train").astype(np.int64))
@@ -184,12 +189,13 @@ def perplexity(model, tokens, seq_len=1024, batch_size=8, chunk_size=1024, label
 def encode_pair(tokenizer, context, continuation):
     """lm-evaluation-harness's _encode_pair: trailing spaces of the context move to the continuation, the
     whole string is encoded once, and the continuation is what follows the context's own tokens, so a
-    BPE merge across the boundary is scored as the model would see it."""
+    BPE merge across the boundary is scored as the model would see it. Questions and choices are text: a
+    special-token string in them is split as ordinary text (data.prepare.encode_text)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
-    context_ids = tokenizer.encode(context, add_special_tokens=False).ids
+    whole = encode_text(tokenizer, context + continuation)
+    context_ids = encode_text(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -261,8 +267,10 @@ def read_mc(file) -> list:
 
 
 def continuation_of(question, choice, delimiter=" "):
-    """lm-evaluation-harness joins question and choice with target_delimiter " ". Where the file already
-    puts whitespace between them (choices like " Paris", as data/toy.py writes), none is added."""
+    """lm-evaluation-harness joins question and choice with its default target_delimiter " " (data/toy.py's
+    files: "Paris" after "The capital of France is"). Files that already put whitespace between them (choices
+    like " Paris", a harness task run with target_delimiter "", or toy files before TOY_VERSION 2) are
+    accepted as they are: no second space is added."""
     if question[-1:].isspace() or choice[:1].isspace():
         return choice
     return delimiter + choice
@@ -333,6 +341,18 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
             break
         logits = model(next_token[:, None], cache)[:, -1] if use_cache else model(idx)[:, -1]
     return idx
+
+
+def encode_prompt(tokenizer, prompt, eos_id=None) -> list:
+    """--prompt's token ids: text, as documents are (a special-token string in it is split as ordinary text;
+    a chat template's control tokens would go through data.prepare.encode_text(..., parse_special=True));
+    an empty prompt starts from the eos token, as a document would."""
+    ids = encode_text(tokenizer, prompt)
+    if not ids:
+        if eos_id is None:
+            raise lrc.LRCError("--prompt is empty and the model has no eos token to start from: give a prompt")
+        ids = [eos_id]
+    return ids
 
 
 # -----------------------------------------------------------------------------
@@ -428,12 +448,7 @@ def evaluate(args) -> list:
             result.setdefault("mc", {})[file] = {**scores, "seconds": time.time() - started}
         if args.prompt is not None:
             started = time.time()
-            prompt_ids = loaded.tokenizer.encode(args.prompt, add_special_tokens=False).ids
-            if not prompt_ids:
-                if loaded.doc_eos is None:
-                    raise lrc.LRCError("--prompt is empty and the model has no eos token to start from: "
-                                       "give a prompt")
-                prompt_ids = [loaded.doc_eos]
+            prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, loaded.doc_eos)
             generator = torch.Generator(device=device).manual_seed(args.seed)
             out = generate(model, torch.tensor([prompt_ids], device=device), args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, eos_id=loaded.eos_ids,

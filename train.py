@@ -336,6 +336,7 @@ class Job:
         """state.json of a checkpoint at `step` (format in checkpoint.py)."""
         cfg = self.run.cfg
         return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
+                **checkpoint.teacher_location(self.teacher, cfg["out_dir"]),  # a copied run finds its teacher
                 "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
                 "data": {"spec": self.data.spec, "next_step": step, "sampler_rule": loader.SAMPLERS[cfg["sampler"]],
                          "sources": [{"path": s.path, "weight": w, "tokenizer_sha256": s.meta["tokenizer_sha256"],

@@ -12,7 +12,9 @@ Inputs, by extension:
                       =paragraph: documents are separated by blank lines; =line: one per line
 Every document is stripped of trailing newlines, empty documents are skipped, and each document is
 followed by the eos id (the layout eval_tiny's perplexity assumes, spec section 8). Nothing else is
-added: encoding uses add_special_tokens=False.
+added: encoding uses add_special_tokens=False, and a document's text is text: a special-token string
+inside it (a literal "<|endoftext|>" or "<|im_start|>") is split as ordinary text (encode_texts), so the
+eos ids prepare.py inserts are the only control tokens in a token file.
 
 Output in DIR: train.bin, val.bin (only with --val_fraction > 0 or --val_input) and meta.json:
   {"vocab_size", "eos_id", "tokenizer_sha256" (of the tokenizer.json bytes),
@@ -33,6 +35,7 @@ import multiprocessing
 import os
 import sys
 import time
+import weakref
 import zlib
 from collections import deque
 
@@ -129,6 +132,56 @@ def load_tokenizer(path, eos_token=None):
                 eos_id = tokenizer.token_to_id(candidate)
                 break
     return tokenizer, eos_id, hashlib.sha256(raw).hexdigest()
+
+
+# Encoding text. A document's characters are text: the string of an added token inside it (a literal
+# "<|endoftext|>" or "<|im_start|>" in web text, or Qwen2.5's non-special "<tool_call>") must not become that
+# control token, or pretraining text would inject fake document ends and chat turns. tokenizers' own
+# encode_special_tokens covers only the tokens marked special, so the text copy marks every added token special.
+
+# tokenizer -> its text copy, made on first use (a tokenizer changed after that keeps its old copy)
+_TEXT_COPIES = weakref.WeakKeyDictionary()
+
+
+def text_tokenizer(tokenizer):
+    """A copy of `tokenizer` that reads the string of every added token, special or not, as ordinary text (the
+    model's normalizer, pre-tokenizer and BPE see it). Only for encoding: decode with the original, whose
+    special flags are untouched."""
+    from tokenizers import Tokenizer
+    if not hasattr(Tokenizer, "encode_special_tokens"):  # else setting it below would be a silent no-op
+        raise LRCError("this tokenizers is too old to encode special-token text as text: pip install "
+                       "'tokenizers>=0.15.1'")
+    spec = json.loads(tokenizer.to_str())
+    for token in spec.get("added_tokens") or []:
+        token["special"] = True
+    copy = Tokenizer.from_str(json.dumps(spec))
+    copy.encode_special_tokens = True  # not saved by to_str(): set on every copy
+    return copy
+
+
+def encode_texts(tokenizer, texts, parse_special=False) -> list:
+    """[token ids] of each text, adding no special tokens (add_special_tokens=False: no bos, no eos).
+
+    parse_special=False, for documents, questions and prompts: added-token strings inside a text are split
+    as ordinary text, so the only control tokens in a token stream are the ids a caller puts there itself
+    (prepare.py's eos between documents).
+    parse_special=True: added-token strings become their control tokens (tokenizers' default). The hook for
+    text whose control tokens are meant, such as a rendered chat template; nothing in lrc renders one yet."""
+    texts = list(texts)
+    if not texts:
+        return []
+    encoder = tokenizer
+    if not parse_special:
+        encoder = _TEXT_COPIES.get(tokenizer)
+        if encoder is None:
+            encoder = _TEXT_COPIES[tokenizer] = text_tokenizer(tokenizer)
+    encode = getattr(encoder, "encode_batch_fast", encoder.encode_batch)  # _fast: skips offsets
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+
+
+def encode_text(tokenizer, text, parse_special=False) -> list:
+    """encode_texts for one text."""
+    return encode_texts(tokenizer, [text], parse_special)[0]
 
 
 def tokenizer_sha256(path):
@@ -332,13 +385,11 @@ def encode_batch(tokenizer, eos_id, batch, text_field="text", val_fraction=0.0):
             continue
         texts.append(text)
         splits.append("val" if to_val or goes_to_val(text, val_fraction) else "train")
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast: skips offsets
-    encodings = encode(texts, add_special_tokens=False) if texts else []
     ids = {"train": [], "val": []}
-    for encoding, split in zip(encodings, splits):
-        ids[split].extend(encoding.ids)
+    for document, split in zip(encode_texts(tokenizer, texts), splits):  # documents are text: no control tokens
+        ids[split].extend(document)
         if eos_id is not None:
-            ids[split].append(eos_id)
+            ids[split].append(eos_id)  # the one control token a token file holds
     return {"train": np.array(ids["train"], dtype=TOKEN_DTYPE), "val": np.array(ids["val"], dtype=TOKEN_DTYPE),
             "docs": {"train": splits.count("train"), "val": splits.count("val"), "empty": n_empty}}
 

@@ -10,8 +10,10 @@ build_toy(out_dir, seed=1337, **sizes) writes, in out_dir:
   student.txt        general text part B (other documents, same generator) + the seen facts only
   val.txt            held-out general text, no facts
   facts_seen.jsonl   one multiple-choice question per seen fact:
-                     {"question": "The home city of Vorlak is", "choices": [" Plenmor", ...], "answer": 0,
+                     {"question": "The home city of Vorlak is", "choices": ["Plenmor", ...], "answer": 0,
                       "entity": "Vorlak", "attribute": "city"}
+                     in lm-evaluation-harness's own convention: the choice follows the question after
+                     its default target_delimiter " " (eval_tiny's scorer joins them the same way)
   facts_unseen.jsonl the same for the facts only the teacher's text holds
   tokenizer.json     byte-level BPE trained on teacher.txt + student.txt, eos "<|endoftext|>"
   tokenizer_config.json   names the eos token (read by data/prepare.py and transformers)
@@ -33,7 +35,8 @@ from configurator import Keys, run_main
 from lrc import LRCError, atomic_file, check_writable_dir
 from data.prepare import prepare, read_meta
 
-TOY_VERSION = 1  # bump when the generator changes: cached builds of another version are rebuilt
+TOY_VERSION = 2  # bump when the generator changes: cached builds of another version are rebuilt
+# 2: multiple-choice choices without a leading space (lm-evaluation-harness's target_delimiter " " adds it)
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SIZES = {
     "n_entities": 120,      # made-up people, one fact each; half seen by the student, half not
@@ -225,12 +228,14 @@ def fact_documents(rng, facts, repeats):
 
 
 def question(fact, rng):
-    """Multiple choice: the prefix of paraphrase 0, the true value and three others, shuffled."""
+    """Multiple choice: the prefix of paraphrase 0, the true value and three others, shuffled. Choices carry
+    no leading space: lm-evaluation-harness puts its target_delimiter " " between question and choice (a
+    leading space would make it two), and eval_tiny does the same."""
     values = ATTRIBUTES[fact["attribute"]][0]
     prefix = fact_sentence(fact, 0).rsplit(" " + fact["value"], 1)[0]
     choices = [fact["value"]] + rng.sample([v for v in values if v != fact["value"]], 3)
     rng.shuffle(choices)
-    return {"question": prefix, "choices": [" " + c for c in choices], "answer": choices.index(fact["value"]),
+    return {"question": prefix, "choices": choices, "answer": choices.index(fact["value"]),
             "entity": fact["entity"], "attribute": fact["attribute"]}
 
 

@@ -303,8 +303,9 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 # the command line, a relative toy teacher, dtype, kd/scratch students
 
 def test_cli_bf16_teacher_default_dtype_and_relative_teacher_path(tmp_path):
-    """The toy layout: the teacher lives in OUT_DIR/teacher and state.json records it relative to the
-    directory training ran from; converting from another directory still finds it. The teacher is
+    """The toy layout, as a checkpoint older than teacher_path records it: the teacher lives in OUT_DIR/teacher
+    and state.json records it relative to the directory training ran from; converting from another directory
+    still finds it. The teacher is
     bfloat16, so the student is too unless --dtype says otherwise."""
     train_cwd = tmp_path / "project"
     out_dir = train_cwd / "out" / "toy"
@@ -319,6 +320,7 @@ def test_cli_bf16_teacher_default_dtype_and_relative_teacher_path(tmp_path):
     result = run_cli("convert.py", f"--ckpt={out_dir}", "--out=student", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "hidden_size=16" in result.stdout and "step 7" in result.stdout
+    assert "--model-impl transformers" in result.stdout.splitlines()[1]  # head_dim 8 != 16 / 4 heads
     config = read_json(tmp_path / "student" / "config.json")
     assert config["torch_dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
     with safe_open(tmp_path / "student" / "model.safetensors", framework="pt") as f:
@@ -410,3 +412,94 @@ def test_a_file_where_a_directory_belongs_is_one_line(tmp_path):
         result = run_cli("convert.py", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
     assert (tmp_path / "FILE").read_text() == "not a directory"
+
+
+# -----------------------------------------------------------------------------
+# a run that travels: copied elsewhere (cp -r), used from another directory
+
+def test_a_copied_run_converts_and_evaluates_from_anywhere(tmp_path, monkeypatch):
+    """The toy layout, with a relative out_dir and the teacher inside the run directory: the copy finds its
+    teacher through teacher_in_run once the original is gone, or retrained in place, and gives the
+    original's logits."""
+    import shutil
+    import train
+    from checkpoint import read_state, resolve_teacher
+    from data.prepare import prepare
+    project = tmp_path / "project"
+    make_teacher(project / "out" / "run" / "teacher", tied=True)
+    (project / "text.txt").write_text("\n\n".join(CORPUS * 2))
+    prepare(str(project / "out" / "run" / "teacher"), [str(project / "text.txt")], str(project / "tokens"),
+            txt_split="paragraph", progress=False)
+    monkeypatch.chdir(project)
+    train.train({"out_dir": "out/run", "teacher": "out/run/teacher", "data": "tokens", "student_hidden": 16,
+                 "seq_len": 16, "tokens_per_step": 64, "micro_batch_size": 4, "max_steps": 2, "save_interval": 2,
+                 "eval_tokens": 0, "device": "cpu", "dtype": "fp32", "compile": False, "lr": 1e-2})
+    state = read_json(project / "out" / "run" / "ckpt_00000002" / "state.json")
+    assert state["teacher"] == "out/run/teacher"  # as given, and where it was:
+    assert state["teacher_path"] == str(project / "out" / "run" / "teacher") and state["teacher_in_run"] == "teacher"
+    original = convert("out/run", str(tmp_path / "original_student"))
+
+    shutil.copytree(project / "out" / "run", tmp_path / "x" / "copy")  # cp -r
+    copy = str(tmp_path / "x" / "copy")
+    copy_ckpt = os.path.join(copy, "ckpt_00000002")
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    os.rename(project, tmp_path / "gone")  # the recorded absolute and relative paths lead nowhere
+    assert resolve_teacher(copy_ckpt, read_state(copy_ckpt)) == os.path.join(copy, "teacher")
+    os.rename(tmp_path / "gone", project)
+    shutil.rmtree(project / "out" / "run" / "teacher")  # the original teacher retrained in place:
+    make_teacher(project / "out" / "run" / "teacher", seed=9, tied=True)  # same config, other weights
+    result = run_cli("convert.py", f"--ckpt={copy}", "--out=student", cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        assert torch.equal(lrc.load_qwen2(str(tmp_path / "elsewhere" / "student"))(IDX),
+                           lrc.load_qwen2(original)(IDX))
+    (tmp_path / "val.txt").write_text("\n\n".join(CORPUS[:4]) + "\n")
+    result = run_cli("eval_tiny.py", f"--model={copy}", f"--model={original}", f"--data={tmp_path / 'val.txt'}",
+                     "--txt_split=paragraph", "--seq_len=16", "--prompt=The sky is", "--max_new_tokens=6",
+                     f"--json={tmp_path / 'eval.json'}", cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    from_copy, from_original = read_json(tmp_path / "eval.json")["models"]
+    assert from_copy["kind"] == "lrc step 2" and from_copy["tokenizer"] == os.path.join(copy, "teacher")
+    assert from_copy["ppl"]["value"] == pytest.approx(from_original["ppl"]["value"], rel=1e-6)
+    assert from_copy["generation"]["text"] == from_original["generation"]["text"]
+
+    # no teacher anywhere: one line naming --teacher=DIR; passing it works
+    os.rename(tmp_path / "x" / "copy" / "teacher", tmp_path / "teacher_alone")
+    shutil.rmtree(project)
+    result = run_cli("convert.py", f"--ckpt={copy}", f"--out={tmp_path / 's2'}", cwd=tmp_path / "elsewhere")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--teacher=DIR" in result.stderr
+    assert "out/run/teacher" in result.stderr and "Traceback" not in result.stderr
+    convert(copy, str(tmp_path / "s2"), teacher=str(tmp_path / "teacher_alone"))
+    with torch.no_grad():
+        assert torch.equal(lrc.load_qwen2(str(tmp_path / "s2"))(IDX), lrc.load_qwen2(original)(IDX))
+
+
+def test_checkpoint_without_the_new_teacher_fields_and_a_hub_id(tmp_path, monkeypatch):
+    """Checkpoints written before teacher_path existed resolve as before; a recorded hub id is left to the
+    hub (here refused offline, with --teacher=DIR in the line)."""
+    from checkpoint import resolve_teacher
+    teacher = make_teacher(tmp_path / "teacher")
+    ckpt = write_checkpoint(tmp_path / "run", make_lrc(teacher), str(tmp_path / "teacher"), step=3)
+    state = read_json(os.path.join(ckpt, "state.json"))
+    assert "teacher_path" not in state and resolve_teacher(ckpt, state) == str(tmp_path / "teacher")
+    assert resolve_teacher(ckpt, {"teacher": "Qwen/Qwen2.5-3B-Instruct"}) == "Qwen/Qwen2.5-3B-Instruct"
+    assert resolve_teacher(ckpt, state, explicit="elsewhere/model") == "elsewhere/model"
+    # recorded as a local directory at training time: never mistaken for a hub id
+    with pytest.raises(lrc.LRCError, match="--teacher=DIR"):
+        resolve_teacher(ckpt, {"teacher": "toy/teacher", "teacher_path": "/nowhere/toy/teacher"})
+    def offline(ref):
+        raise lrc.LRCError(f"could not download {ref!r} from the Hugging Face hub")
+    monkeypatch.setattr(lrc, "resolve_checkpoint", offline)
+    state["teacher"] = "Qwen/Qwen2.5-3B-Instruct"
+    with open(os.path.join(ckpt, "state.json"), "w") as f:
+        json.dump(state, f)
+    with pytest.raises(lrc.LRCError, match=r"could not download.*--teacher=DIR"):
+        load_checkpoint(ckpt)
+
+
+def test_vllm_note_for_a_head_dim_vllm_would_ignore():
+    from convert import vllm_note
+    note = vllm_note({"hidden_size": 16, "num_attention_heads": 4, "head_dim": 8}, "students/s")
+    assert "--model-impl transformers" in note and "head_dim=8" in note and "\n" not in note
+    assert vllm_note({"hidden_size": 24, "num_attention_heads": 4, "head_dim": 6}, "s") is None

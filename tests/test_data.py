@@ -207,6 +207,74 @@ def test_num_proc_gives_identical_files(toy, docs, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# prepare: special-token strings inside documents are text
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>"]  # Qwen2.5 marks these special: false
+HIJACK_DOCS = [
+    "Web pages quote <|endoftext|> in the middle of a sentence, and it is not the end.",
+    "A forum post: <|im_start|>user\nhello<|im_end|> is what a chat looks like.",
+    "<tool_call>{\"name\": \"f\"}</tool_call> and <|fim_prefix|>def f(): pass",
+    "An ordinary document with nothing odd in it.",
+]
+
+
+def write_qwen_style_tokenizer(directory):
+    """A byte-level BPE with added tokens laid out as Qwen2.5's: after the BPE vocabulary, the special
+    <|endoftext|> (eos), <|im_start|>, <|im_end|>, then the non-special <tool_call>, </tool_call> and
+    <|fim_prefix|>. Returns the tokenizer; tokenizer.json and tokenizer_config.json are in directory."""
+    from tokenizers import AddedToken, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(HIJACK_DOCS * 4 + ["end of text, im start, tool call, fim prefix"] * 4, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    return tok
+
+
+def added_ids(tok):
+    return {tok.token_to_id(t) for t in QWEN_SPECIAL + QWEN_ADDED}
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_special_token_strings_in_documents_stay_text(tmp_path, num_proc):
+    tok = write_qwen_style_tokenizer(tmp_path / "tok")
+    eos_id = tok.token_to_id("<|endoftext|>")
+    assert eos_id in tok.encode(HIJACK_DOCS[0], add_special_tokens=False).ids  # the trap this guards against
+    src = write_jsonl(tmp_path / "d.jsonl", HIJACK_DOCS * 3)
+    meta = prepare(tmp_path / "tok", [src], tmp_path / "out", num_proc=num_proc, batch_size=2, progress=False)
+    assert meta["eos_id"] == eos_id
+    ids = open_tokens(tmp_path / "out").tolist()
+    # the only control tokens are the separators prepare.py put there, one after each document
+    assert [i for i in ids if i in added_ids(tok)] == [eos_id] * len(HIJACK_DOCS) * 3
+    assert split_docs(tok, eos_id, ids) == HIJACK_DOCS * 3  # and each document reads back as written
+
+
+def test_encode_text_and_its_hook_for_control_tokens(tmp_path):
+    from data.prepare import encode_text, encode_texts
+    tok = write_qwen_style_tokenizer(tmp_path / "tok")
+    text = "<|im_start|>user\nhi<|im_end|> <tool_call>"
+    plain = encode_text(tok, text)
+    assert not set(plain) & added_ids(tok) and tok.decode(plain) == text
+    # parse_special=True (the hook for a rendered chat template): its control tokens stay control tokens
+    control = encode_text(tok, text, parse_special=True)
+    assert control == tok.encode(text, add_special_tokens=False).ids
+    assert [tok.id_to_token(i) for i in control if i in added_ids(tok)] == ["<|im_start|>", "<|im_end|>",
+                                                                           "<tool_call>"]
+    assert encode_texts(tok, [text, "plain"]) == [plain, encode_text(tok, "plain")] and encode_texts(tok, []) == []
+    # the tokenizer itself is untouched: its own encode and decode behave as before
+    assert tok.encode(text, add_special_tokens=False).ids == control and not tok.encode_special_tokens
+    assert tok.decode(control) == "user\nhi <tool_call>"  # special tokens skipped, the non-special one kept
+
+
+# -----------------------------------------------------------------------------
 # prepare: refusals, each one line naming the problem
 
 def test_input_errors(toy, tmp_path):
@@ -426,14 +494,15 @@ def test_toy_facts_split(toy):
     assert len(set(entities)) == len(entities)
     repeats = DEFAULT_SIZES["fact_repeats"]
     for q in seen + unseen:
-        value = q["choices"][q["answer"]].strip()
-        # the question + the true answer is a sentence of the teacher's text, and so is every paraphrase
-        assert q["question"] + q["choices"][q["answer"]] + "." in teacher
+        value = q["choices"][q["answer"]]
+        # question, space (the harness's target_delimiter), true answer: a sentence of the teacher's text,
+        # and so is every paraphrase
+        assert q["question"] + " " + value + "." in teacher
         for template in ATTRIBUTES[q["attribute"]][1]:
             assert template.format(e=q["entity"], v=value) in teacher
         assert teacher_words[q["entity"]] >= repeats and val_words[q["entity"]] == 0
     for q in seen:
-        assert q["question"] + q["choices"][q["answer"]] + "." in student
+        assert q["question"] + " " + q["choices"][q["answer"]] + "." in student
         assert student_words[q["entity"]] >= repeats
     for q in unseen:
         assert student_words[q["entity"]] == 0  # the student's text never names an unseen entity
@@ -458,5 +527,5 @@ def test_toy_multiple_choice_files(toy):
             assert set(q) >= {"question", "choices", "answer"}
             assert isinstance(q["question"], str) and not q["question"].endswith(" ")
             assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
-            assert all(c.startswith(" ") and c.strip() in values for c in q["choices"])
+            assert all(c in values for c in q["choices"])  # no leading space: the harness adds it
             assert 0 <= q["answer"] < 4 and q["entity"] in q["question"]

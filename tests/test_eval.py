@@ -290,3 +290,32 @@ def test_malformed_inputs_are_one_line_before_any_model_loads(tmp_path):
         result = run_cli("eval_tiny.py", f"--model={tmp_path / 'no_model'}", *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
+
+
+# -----------------------------------------------------------------------------
+# special-token strings in eval text are text, as in data/prepare.py
+
+def test_eval_text_paths_read_special_token_strings_as_text(tmp_path, monkeypatch):
+    import eval_tiny
+    from test_data import HIJACK_DOCS, added_ids, write_qwen_style_tokenizer
+    tok = write_qwen_style_tokenizer(tmp_path / "tok")
+    eos_id, control = tok.token_to_id("<|endoftext|>"), added_ids(tok)
+    # perplexity text, .txt and .jsonl: eos only after each document
+    (tmp_path / "val.txt").write_text("\n\n".join(HIJACK_DOCS) + "\n")
+    with open(tmp_path / "val.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in HIJACK_DOCS)
+    for file, split in (("val.txt", "paragraph"), ("val.jsonl", "file")):
+        ids = eval_tiny.text_tokens(str(tmp_path / file), str(tmp_path / "tok"), txt_split=split).tolist()
+        assert [i for i in ids if i in control] == [eos_id] * len(HIJACK_DOCS), file
+    # multiple choice: no control token in any context or continuation the scorer asks about
+    asked = []
+    monkeypatch.setattr(eval_tiny, "loglikelihoods", lambda model, requests, **kw: asked.extend(requests)
+                        or [0.0] * len(requests))
+    items = [{"question": "<|im_start|>user\nWhich one?<|im_end|>", "choices": ["<|endoftext|>", "<tool_call>"],
+              "answer": 0}]
+    score_mc(None, tok, items)
+    assert len(asked) == 2 and all(not set(c + k) & control for c, k in asked)
+    assert tok.decode(asked[0][0] + asked[0][1]) == items[0]["question"] + " <|endoftext|>"
+    # the generation prompt
+    prompt = eval_tiny.encode_prompt(tok, "<|im_start|>assistant\n<|endoftext|>", eos_id)
+    assert not set(prompt) & control and eval_tiny.encode_prompt(tok, "", eos_id) == [eos_id]
