@@ -381,7 +381,8 @@ def load_tensors(file: str, expected: dict, what: str) -> dict:
 
 
 def _load_baseline(ckpt_dir, state, teacher, device, dtype):
-    """A kd / scratch checkpoint: the student lrc.Qwen2 (default float32, as saved)."""
+    """A kd / scratch / sft checkpoint: the student lrc.Qwen2 (default float32, as saved)."""
+    returned = state
     student_config = lrc.Qwen2Config.from_dict(state["student_config"])
     with torch.device("meta"):
         model = lrc.Qwen2(student_config)
@@ -394,12 +395,15 @@ def _load_baseline(ckpt_dir, state, teacher, device, dtype):
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
     if student_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    teacher_ref = teacher or state.get("teacher") or state.get("init_from")  # sft: the checkpoint it tuned
+    if state["method"] == "sft":  # the checkpoint it fine-tuned holds the tokenizer files: found like a teacher
+        state = dict(state, teacher=state.get("init_from"), teacher_path=state.get("init_from_path"),
+                     teacher_in_run=None)
+    teacher_ref = teacher or state.get("teacher")
     if teacher_ref:  # only for its tokenizer files: the weights are not needed
         teacher_dir = resolve_teacher(ckpt_dir, state, teacher, weights=False)
         if is_model_dir(teacher_dir):
             check_teacher_identity(teacher_dir, state, teacher_ref, weights=False)
-        state["teacher_dir"] = teacher_dir
+        returned["teacher_dir"] = teacher_dir
     return model.requires_grad_(False)
 
 

@@ -361,6 +361,7 @@ def build(cfg, run):
                 "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if teacher_config
                 and cfg["method"] != "scratch" else None, "student_config": student_config.to_dict(),
                 "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"], "init_from": cfg["init_from"],
+                "init_from_path": os.path.abspath(init_dir) if init_dir else None,
                 "data_sources": [len(s.train_tokens) for s in data.sources]}
     resume_from = None
     if cfg["resume"]:
