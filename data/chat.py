@@ -7,8 +7,8 @@ Records (one JSON object per line):
   {"messages": [{"role": "system"|"user"|"assistant"|..., "content": str, ...}, ...]}
   {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}        (ShareGPT)
 ShareGPT's "from" becomes "role" by SHAREGPT_ROLES; a "messages" record passes its messages to the template
-as they are (keys whose value is null dropped, as transformers drops them), so roles such as "tool" and
-fields such as "tool_calls" reach templates that read them.
+as they are (keys whose value is null dropped, and a reasoning field given under each of its names, as
+transformers does), so roles such as "tool" and fields such as "tool_calls" reach templates that read them.
 
 Rendering (ChatTemplate.render) is transformers' (utils/chat_template_utils.py): a jinja2
 ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks and the loopcontrols extension, the
