@@ -31,7 +31,7 @@ import lrc
 from lrc import LRCError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
-METHODS = ("lrc", "kd", "scratch")
+METHODS = ("lrc", "kd", "scratch", "sft")
 # what a model directory needs besides its weights, copied from the teacher (spec section 5)
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json"]
@@ -216,6 +216,9 @@ def check_resumable(state, path, now):
     if sampler != now["sampler"]:
         refuse(f"sampler={sampler!r}, this run has {now['sampler']!r} (its windows would not continue the run's)",
                f"pass --sampler={sampler}")
+    if "data_sources" in state and len(state["data_sources"]) != len(now["data_sources"]):
+        refuse(f"{len(state['data_sources'])} data source(s), this run has {len(now['data_sources'])} (the sampler "
+               f"counts each source's windows)", "pass the checkpoint's --data")
     teacher_hint = f"pass --teacher={state.get('teacher')}, or start a fresh run in another out_dir"
     if json.dumps(state.get("teacher_config"), sort_keys=True) != json.dumps(now["teacher_config"], sort_keys=True):
         key, then, current = first_difference(state.get("teacher_config"), now["teacher_config"])
@@ -378,7 +381,8 @@ def load_tensors(file: str, expected: dict, what: str) -> dict:
 
 
 def _load_baseline(ckpt_dir, state, teacher, device, dtype):
-    """A kd / scratch checkpoint: the student lrc.Qwen2 (default float32, as saved)."""
+    """A kd / scratch / sft checkpoint: the student lrc.Qwen2 (default float32, as saved)."""
+    returned = state
     student_config = lrc.Qwen2Config.from_dict(state["student_config"])
     with torch.device("meta"):
         model = lrc.Qwen2(student_config)
@@ -391,12 +395,15 @@ def _load_baseline(ckpt_dir, state, teacher, device, dtype):
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
     if student_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if state["method"] == "sft":  # the checkpoint it fine-tuned holds the tokenizer files: found like a teacher
+        state = dict(state, teacher=state.get("init_from"), teacher_path=state.get("init_from_path"),
+                     teacher_in_run=None)
     teacher_ref = teacher or state.get("teacher")
     if teacher_ref:  # only for its tokenizer files: the weights are not needed
         teacher_dir = resolve_teacher(ckpt_dir, state, teacher, weights=False)
         if is_model_dir(teacher_dir):
             check_teacher_identity(teacher_dir, state, teacher_ref, weights=False)
-        state["teacher_dir"] = teacher_dir
+        returned["teacher_dir"] = teacher_dir
     return model.requires_grad_(False)
 
 

@@ -82,12 +82,14 @@ def convert(ckpt: str, out: str, teacher=None, dtype=None, max_shard_size="5GB",
         student = model.export_student(dtype=target)
         del model
     else:
-        source_dtype = (state.get("teacher_config") or {}).get("torch_dtype")
+        # kd / scratch: the teacher's dtype; sft: the dtype of the checkpoint it fine-tuned
+        source_dtype = (state.get("teacher_config") or state["student_config"]).get("torch_dtype")
         target = lrc.as_dtype(dtype or source_dtype or "float32")
         student = model.to(target)
     record = {"teacher": teacher or state.get("teacher"), "student_hidden": state.get("student_hidden"),
               "tie_proj": state.get("tie_proj"), "method": state["method"], "step": state.get("step"),
-              "tokens_seen": state.get("tokens_seen"), "source_checkpoint": os.path.abspath(state["checkpoint"]),
+              "tokens_seen": state.get("tokens_seen"), "init_from": state.get("init_from"),
+              "source_checkpoint": os.path.abspath(state["checkpoint"]),
               "lrc_version": state.get("lrc_version")}
     extra = {"lrc": record}
     if "dtype" in student.config.extra:  # newer config.json files name it dtype: keep it in step with torch_dtype

@@ -54,9 +54,11 @@ from lrc import LRCError, Qwen2, Qwen2Config  # noqa: E402
 DEFAULTS = dict(
     # what to train
     out_dir="out/toy",            # checkpoints, metrics.jsonl, and for the toy run its data and teacher
-    method="lrc",                 # 'lrc' | 'kd' | 'scratch'
+    method="lrc",                 # 'lrc' | 'kd' | 'scratch' | 'sft' (fine-tune init_from on chat data)
     teacher="toy",                # checkpoint dir or hub id; 'toy' = build/cache a tiny teacher in out_dir/teacher
-    data="toy",                   # prepared token dir (data/prepare.py); 'toy' = the toy corpus's student split
+    data="toy",                   # prepared token dir (data/prepare.py), or a mixture {dir: weight, ...};
+                                  # 'toy' = the toy corpus's student split
+    init_from=None,               # sft: the Hugging Face checkpoint to fine-tune (a converted student)
     student_hidden=64,            # d_s, the student's residual width (spec section 3)
     tie_proj=True,                # one projection for embedding and head (tied student when the teacher is tied)
     alpha=0.5,                    # weight of L_clone (0: weight generation with L_KL + L_LM only)
@@ -112,9 +114,9 @@ DEFAULTS = dict(
 KEYS = Keys(
     DEFAULTS,
     # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
-    optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
+    optional={"teacher": str, "data": (str, dict), "init_from": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
               "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
-    choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
+    choices={"method": ("lrc", "kd", "scratch", "sft"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
              "sampler": tuple(loader.SAMPLERS),
              "compile": ("auto", True, False), "clone_attn_out": ("student", "teacher")},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
@@ -203,7 +205,7 @@ def setup(cfg, log_prefix=""):
 
 def toy_world(cfg, run):
     """For teacher='toy' / data='toy': the toy corpus (data/toy.py; built by rank 0 in seconds, cached)."""
-    if cfg["teacher"] != "toy" and cfg["data"] != "toy":
+    if cfg["data"] != "toy" and (cfg["teacher"] != "toy" or cfg["method"] == "sft"):  # sft has no teacher
         return None
     toy_dir = os.path.join(cfg["out_dir"], "data")
     if run.master:
@@ -250,15 +252,20 @@ def teacher_config_of(cfg, teacher_dir, toy_paths):
     return Qwen2Config.from_pretrained(teacher_dir)
 
 
-def student_config_of(cfg, teacher_config):
-    """The shape of the student: the LRC student's exported shape (shared by the baselines), or kd/scratch's
-    explicit student_config."""
+def student_config_of(cfg, teacher_config, init_dir=None):
+    """The shape of the student: the LRC student's exported shape (shared by the baselines), kd/scratch's
+    explicit student_config, or for sft the shape of the checkpoint it fine-tunes."""
     if cfg["method"] == "lrc" and cfg["student_config"] is not None:
         raise LRCError("student_config is for kd/scratch; an LRC student's shape is the teacher's with "
                        "hidden_size=student_hidden: drop student_config")
     lrc.clone_terms_of(cfg["clone_terms"])  # refuses an unknown term before anything is loaded
     if cfg["method"] != "lrc" and cfg["activation_checkpointing"]:
         raise LRCError(f"activation_checkpointing is implemented for method=lrc only: drop it for method={cfg['method']}")
+    if (cfg["method"] == "sft") != (cfg["init_from"] is not None):
+        raise LRCError("method=sft fine-tunes the checkpoint given as --init_from=DIR (and only sft takes one): "
+                       "pass both, or neither")
+    if init_dir is not None:
+        return Qwen2Config.from_pretrained(init_dir)
     if cfg["student_config"] is not None:
         try:
             return Qwen2Config.from_dict({"model_type": "qwen2", **cfg["student_config"]})
@@ -270,7 +277,7 @@ def student_config_of(cfg, teacher_config):
     return lrc.student_shape(teacher_config, cfg["student_hidden"], cfg["tie_proj"])
 
 
-def build_model(cfg, teacher_dir, student_config, run):
+def build_model(cfg, teacher_dir, student_config, run, init_dir=None):
     """The module being trained. Its float32 parameters are the trainable ones; a bf16 teacher on GPU is
     frozen, so it needs no float32 master copy."""
     torch.manual_seed(cfg["seed"])  # identical initialisation on every rank (DDP also broadcasts rank 0's)
@@ -279,16 +286,37 @@ def build_model(cfg, teacher_dir, student_config, run):
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
                        init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"],
                        clone_attn_out=cfg["clone_attn_out"], clone_terms=cfg["clone_terms"])
+    if cfg["method"] == "sft":  # float32 master weights of the checkpoint, all trainable; L_LM on masked targets
+        return lrc.Baseline(lrc.load_qwen2(init_dir, run.device, torch.float32).requires_grad_(True), None)
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
+
+
+def the_models(cfg, run, data, toy_paths):
+    """(teacher as given, its local dir, its config, the student's config, init_from's local dir), every
+    cheap check first: only then is the toy teacher trained, if the run needs one."""
+    sft = cfg["method"] == "sft"
+    teacher = None if sft else os.path.join(cfg["out_dir"], "teacher") if cfg["teacher"] == "toy" else cfg["teacher"]
+    if cfg["method"] in ("lrc", "kd") and teacher is None:
+        raise LRCError(f"method={cfg['method']} needs a teacher: pass --teacher=DIR or a hub id")
+    teacher_dir = lrc.resolve_checkpoint(teacher) if teacher is not None and cfg["teacher"] != "toy" else None
+    teacher_config = teacher_config_of(cfg, teacher_dir, toy_paths) if teacher is not None else None
+    init_dir = lrc.resolve_checkpoint(cfg["init_from"]) if sft and cfg["init_from"] else None
+    student_config = student_config_of(cfg, teacher_config, init_dir)
+    loader.check_fits(data, student_config.vocab_size, teacher_dir or init_dir, cfg["strict_tokenizer"], run.log)
+    if teacher is not None and cfg["teacher"] == "toy":  # the toy run's expensive part, once all else is right
+        build_toy_teacher(cfg, toy_paths, teacher, os.path.join(cfg["out_dir"], "teacher_run"), run.log)
+        teacher_dir = teacher
+        teacher_config = Qwen2Config.from_pretrained(teacher_dir)  # as saved: what convert.py will compare
+    return teacher, teacher_dir, teacher_config, student_config, init_dir
 
 
 @dataclass
 class Job:
     """Everything one training job holds once built: what the loop trains and what a checkpoint records."""
     run: Run
-    data: loader.TokenData
+    data: loader.Mixture
     model: torch.nn.Module
     train_model: torch.nn.Module  # model, wrapped in DDP and/or compiled
     ddp: object
@@ -310,10 +338,12 @@ class Job:
         return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
                 **checkpoint.teacher_location(self.teacher, cfg["out_dir"]),  # a copied run finds its teacher
                 "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
-                "data": {"path": self.data.path, "tokenizer_sha256": self.data.meta["tokenizer_sha256"],
-                         "n_tokens": len(self.data.train_tokens), "next_step": step,
-                         "next_window": int(self.windows.windows_before(step)), "epoch": self.windows.epoch(step),
-                         "sampler_rule": loader.SAMPLERS[cfg["sampler"]]},
+                "data": {"spec": self.data.spec, "next_step": step, "sampler_rule": loader.SAMPLERS[cfg["sampler"]],
+                         "sources": [{"path": s.path, "weight": w, "tokenizer_sha256": s.meta["tokenizer_sha256"],
+                                      "n_tokens": len(s.train_tokens), "windows_read": int(n), "epoch": e}
+                                     for s, w, n, e in zip(self.data.sources, self.data.weights,
+                                                           self.windows.windows_before(step),
+                                                           self.windows.epoch(step))]},
                 "world_size": self.run.world_size, "grad_accum": self.run.grad_accum, "lrc_version": 1}
 
 
@@ -322,47 +352,38 @@ def build(cfg, run):
     data, vocabulary, resume compatibility) comes before the teacher is trained (toy) or loaded."""
     existing = checkpoint.check_out_dir(cfg["out_dir"], cfg["resume"], cfg["overwrite"])
     toy_paths = toy_world(cfg, run)
-    data = loader.open_token_data(toy_paths["student_tokens"] if cfg["data"] == "toy" else cfg["data"],
-                                  cfg["seq_len"], bool(cfg["eval_tokens"]), run.rank, run.world_size, run.device)
-    cfg = run.cfg = dict(cfg, data=data.path)
-    teacher = os.path.join(cfg["out_dir"], "teacher") if cfg["teacher"] == "toy" else cfg["teacher"]
-    if cfg["method"] in ("lrc", "kd") and teacher is None:
-        raise LRCError(f"method={cfg['method']} needs a teacher: pass --teacher=DIR or a hub id")
-    teacher_dir = None
-    if teacher is not None and cfg["teacher"] != "toy":
-        teacher_dir = lrc.resolve_checkpoint(teacher)
-    teacher_config = teacher_config_of(cfg, teacher_dir, toy_paths) if teacher is not None else None
-    student_config = student_config_of(cfg, teacher_config)
-    loader.check_fits(data, student_config.vocab_size, teacher_dir, cfg["strict_tokenizer"], run.log)
-    if cfg["teacher"] == "toy":  # the expensive part of the toy run, once all else is known to be right
-        build_toy_teacher(cfg, toy_paths, teacher, os.path.join(cfg["out_dir"], "teacher_run"), run.log)
-        teacher_dir = teacher
-        teacher_config = Qwen2Config.from_pretrained(teacher_dir)  # as saved: what convert.py will compare
+    data = loader.open_mixture(toy_paths["student_tokens"] if cfg["data"] == "toy" else cfg["data"],
+                               cfg["seq_len"], bool(cfg["eval_tokens"]), run.rank, run.world_size, run.device)
+    cfg = run.cfg = dict(cfg, data=data.spec)
+    teacher, teacher_dir, teacher_config, student_config, init_dir = the_models(cfg, run, data, toy_paths)
     identity = {"method": cfg["method"], "teacher": teacher, "sampler": cfg["sampler"],
-                "teacher_config": teacher_config.to_dict() if cfg["method"] != "scratch" else None,
-                "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if cfg["method"] != "scratch"
-                else None, "student_config": student_config.to_dict(),
-                "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"]}
+                "teacher_config": teacher_config.to_dict() if teacher_config and cfg["method"] != "scratch" else None,
+                "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if teacher_config
+                and cfg["method"] != "scratch" else None, "student_config": student_config.to_dict(),
+                "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"], "init_from": cfg["init_from"],
+                "init_from_path": os.path.abspath(init_dir) if init_dir else None,
+                "data_sources": [len(s.train_tokens) for s in data.sources]}
     resume_from = None
     if cfg["resume"]:
         resume_from = checkpoint.read_checkpoint(existing)
         checkpoint.check_resumable(resume_from[0], existing, identity)
 
-    model = build_model(cfg, teacher_dir, student_config, run)
+    model = build_model(cfg, teacher_dir, student_config, run, init_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
     job = Job(run, data, model, model, None, optimizer, params, model.checkpoint_tensors(), identity,
               teacher, toy_paths)
-    start = (0, 0)  # (step, windows read before it): where the sampler's count starts
+    start = (0, None)  # (step, windows read from each source before it): where the sampler's counts start
     if resume_from is not None:
         job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
                                                        run.device)
         job.saved = existing
-        start = (job.step, resume_from[0]["data"].get("next_window", 0))
+        start = (job.step, [s["windows_read"] for s in resume_from[0]["data"]["sources"]])
         run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
-    job.windows = loader.TokenWindows(data.train_tokens, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"],
-                                      run.rank, run.world_size, run.grad_accum, run.device, cfg["sampler"], start)
+    job.windows = loader.TokenWindows(data, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"], run.rank,
+                                      run.world_size, run.grad_accum, run.device, cfg["sampler"], start,
+                                      use_mask=cfg["method"] == "sft")
     job.train_model, job.ddp = distributed.wrap(model, run.procs, run.use_compile)
     if run.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -390,14 +411,16 @@ def lr_at(step, max_steps, cfg):
 # Evaluation on the val split: consecutive windows, the student's losses with the teacher's targets.
 
 @torch.no_grad()
-def evaluate(model, val_tokens, run):
-    seq_len, mbs = run.cfg["seq_len"], run.cfg["micro_batch_size"]
+def evaluate(model, source, run):
+    """The losses on `source`'s val split (method=sft: on its assistant tokens, as in training)."""
+    seq_len, mbs, val_tokens = run.cfg["seq_len"], run.cfg["micro_batch_size"], source.val_tokens
+    mask = source.val_mask if run.cfg["method"] == "sft" else None
     n_windows = min(run.cfg["eval_tokens"] // seq_len, (len(val_tokens) - 1) // seq_len)
     sums = torch.zeros(3, device=run.device)  # kl, lm, clone, each summed over windows
     mine = list(range(run.rank, n_windows, run.world_size))
     for i in range(0, len(mine), mbs):
         starts = np.array(mine[i:i + mbs]) * seq_len
-        x, y = loader.windows_at(val_tokens, starts, seq_len, run.device)
+        x, y = loader.windows_at(val_tokens, starts, seq_len, run.device, mask)
         with run.autocast():
             _, parts = model(x, y)
         sums += torch.stack([parts["kl"].float(), parts["lm"].float(), parts["clone"].float()]) * len(starts)
@@ -487,10 +510,13 @@ def log_step(job, acc, metrics, lr, grad_norm, elapsed):
     check_finite(job, acc)
     loss, kl, lm, clone = (distributed.all_reduce(acc.sums.clone()) / (run.world_size * acc.steps)).tolist()
     dt = max(1e-9, elapsed)
-    row = {"step": job.step, "tokens": job.tokens_seen, "epoch": job.windows.epoch(job.step), "loss": loss, "kl": kl, "lm": lm, "clone": clone, "lr": lr,
-           "grad_norm": float(grad_norm), "tokens_per_s": acc.steps * cfg["tokens_per_step"] / dt,
-           "ms_per_step": 1000 * dt / acc.steps, "time": round(time.time() - job.t_start, 2)}
-    run.log(f"step {job.step:>{len(str(run.max_steps))}}/{run.max_steps} | epoch {row['epoch']:.3f} | "
+    where, sources = job.data.progress(job.windows.windows_before(job.step), job.windows.epoch(job.step),
+                                       cfg["seq_len"])
+    row = {"step": job.step, "tokens": job.tokens_seen, "epoch": job.windows.epoch(job.step)[0], **sources,
+           "loss": loss, "kl": kl, "lm": lm, "clone": clone, "lr": lr, "grad_norm": float(grad_norm),
+           "tokens_per_s": acc.steps * cfg["tokens_per_step"] / dt, "ms_per_step": 1000 * dt / acc.steps,
+           "time": round(time.time() - job.t_start, 2)}
+    run.log(f"step {job.step:>{len(str(run.max_steps))}}/{run.max_steps} | {where} | "
             f"loss {loss:.4f} | kl {kl:.4f} | lm {lm:.4f} | clone {clone:.4f} | lr {lr:.2e} | "
             f"{row['tokens_per_s']:,.0f} tok/s | {row['ms_per_step']:.0f} ms/step")
     metrics.record(row)
@@ -500,7 +526,7 @@ def log_step(job, acc, metrics, lr, grad_norm, elapsed):
 
 
 def run_eval(job, metrics):
-    result = evaluate(job.model, job.data.val_tokens, job.run) if job.data.val_tokens is not None else None
+    result = evaluate(job.model, job.data.val, job.run) if job.data.val.val_tokens is not None else None
     if result is not None:
         job.run.log(f"eval step {job.step} | val lm {result['val_lm']:.4f} (ppl {result['val_ppl']:.2f}) | "
                     f"val kl {result['val_kl']:.4f} | val clone {result['val_clone']:.4f}")
@@ -566,7 +592,8 @@ def train(cfg=None, log_prefix=""):
     try:
         job = build(cfg, run)
         cfg = run.cfg
-        run.log(f"method {cfg['method']} | teacher {job.teacher} | data {job.data.path} | device {run.device} x "
+        source = f"init_from {cfg['init_from']}" if cfg["method"] == "sft" else f"teacher {job.teacher}"
+        run.log(f"method {cfg['method']} | {source} | data {job.data.describe()} | device {run.device} x "
                 f"{run.world_size} | dtype {run.dtype_name} | compile {run.use_compile}")
         run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
                 f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
@@ -582,9 +609,9 @@ def train(cfg=None, log_prefix=""):
         distributed.close(run.procs)
     summary = {"method": cfg["method"], "out_dir": cfg["out_dir"], "checkpoint": job.saved, "step": job.step,
                "max_steps": run.max_steps, "tokens_seen": job.tokens_seen, "first": first, "last": last, "val": val,
-               "wall_s": time.time() - job.t_start, "teacher": job.teacher, "data": job.data.path,
+               "wall_s": time.time() - job.t_start, "teacher": job.teacher or cfg["init_from"], "data": job.data.spec,
                "trainable_params": sum(p.numel() for p in job.params),
-               "toy": job.toy_paths if job.toy_paths and job.data.path == job.toy_paths["student_tokens"] else None}
+               "toy": job.toy_paths if job.toy_paths and job.data.spec == job.toy_paths["student_tokens"] else None}
     if not log_prefix:
         print_summary(summary, run.log)
     return summary

@@ -1,12 +1,17 @@
 # LRC-1.7B: the released recipe (spec section 4; the LRC-1.7B-Base model card).
-#   torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py --data=DIR
-# DIR: token files made with the teacher's tokenizer, e.g.
-#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input=fineweb_edu/*.jsonl --out=DIR \
-#       --val_fraction=0.0005
+#   torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py
+# Data, as the card's "Mixed-1.1" (Qwen-teacher version): Fineweb-Edu (edu_score >= 4) 20B tokens and
+# OpenHermes 2.5 450M tokens, the conversations rendered with the teacher's chat template. Both made with
+# the teacher's tokenizer:
+#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input fineweb_edu/*.parquet.jsonl \
+#       --out=tokens/fineweb_edu --val_fraction=0.0005 --num_proc=32
+#   python data/prepare.py --tokenizer=Qwen/Qwen2.5-3B-Instruct --input openhermes2_5.json.jsonl --format=chat \
+#       --out=tokens/openhermes --num_proc=32
 out_dir = "out/lrc_1.7b"
 method = "lrc"
 teacher = "Qwen/Qwen2.5-3B-Instruct"     # 36 layers, hidden 2048, tied embeddings
-data = "tokens/qwen2.5"                  # made by data/prepare.py; or --data=DIR
+# each window drawn from one source by weight: the card's token counts, 20B : 0.45B = 0.978 : 0.022
+data = {"tokens/fineweb_edu": 20.0 / 20.45, "tokens/openhermes": 0.45 / 20.45}
 student_hidden = 1200
 tie_proj = True                          # tied teacher + tie_proj: a tied student, like the release
 alpha = 0.5

@@ -5,7 +5,9 @@
 out_dir = "out/lrc_4b"
 method = "lrc"
 teacher = "Qwen/Qwen2.5-7B-Instruct"     # 28 layers, hidden 3584, untied embeddings
-data = "tokens/qwen2.5"                  # made by data/prepare.py; or --data=DIR
+# the card's "Mixed-2.0": Fineweb-Edu, OpenHermes 2.5, DCLM and Cosmopedia v2, in proportions the card does
+# not give: one prepared directory here, or a mixture such as --data="{'tokens/fineweb_edu': 0.6, ...}"
+data = "tokens/qwen2.5"
 student_hidden = 2048
 tie_proj = False                         # separate P_emb and P_lm: an untied student, like the release
 alpha = 0.5

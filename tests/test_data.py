@@ -323,7 +323,8 @@ def test_bad_records_name_file_and_line(toy, tmp_path, num_proc):
         with pytest.raises(LRCError) as e:
             prepare(toy["tokenizer"], [path], tmp_path / "o", num_proc=num_proc, batch_size=4, progress=False)
         assert_one_line_error(e, f"{name}.jsonl.gz", *fragments)
-    assert not [p for p in os.listdir(tmp_path / "o") if "tmp" in p]  # failed runs leave no temporary files
+    # a failed run leaves nothing that looks complete: only partial files a corrected run resumes from
+    assert all(p.endswith(".partial") or p == "progress.json" for p in os.listdir(tmp_path / "o"))
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\n\nbroken \xff\xfe\n")
     with pytest.raises(LRCError) as e:
@@ -420,6 +421,377 @@ def test_cli(toy, docs, tmp_path, capsys):
         assert run_main(prepare_main, [f"--tokenizer={toy['root']}", f"--out={tmp_path / 'x'}"] + argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+# -----------------------------------------------------------------------------
+# prepare: conversations, rendered with the tokenizer's chat template as transformers renders them
+
+QWEN_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+CHAT_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",            # Qwen2.5's
+                "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>"]
+# Qwen2.5-Instruct's template without its tools branch, plus a refusal of unknown roles
+QWEN25_TEMPLATE = """\
+{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Unexpected message role: ' + message.role) }}
+    {%- elif message.role != 'system' or not loop.first %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+# the same with transformers' {% generation %} markers around what lrc's mask rule covers: the oracle of the mask
+QWEN25_GENERATION = QWEN25_TEMPLATE.replace(
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+    "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}")
+# Llama 3's layout: a bos_token variable, contents trimmed
+LLAMA3_TEMPLATE = """\
+{{- bos_token }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
+"""
+# Mistral v0.3's habit: the system prompt goes into the LAST user turn, so a prefix renders differently
+MISTRAL_TEMPLATE = """\
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{{- bos_token }}
+{%- for message in messages %}
+    {%- if message.role == 'user' and loop.index0 == ns.last_user and messages[0].role == 'system' %}
+        {{- '[INST] ' + messages[0].content + '\\n\\n' + message.content + ' [/INST]' }}
+    {%- elif message.role == 'user' %}
+        {{- '[INST] ' + message.content + ' [/INST]' }}
+    {%- elif message.role == 'assistant' %}
+        {{- ' ' + message.content + eos_token }}
+    {%- endif %}
+{%- endfor %}
+"""
+TEMPLATES = {  # name: (template, tokenizer_config.json's special tokens)
+    "qwen2.5": (QWEN25_TEMPLATE, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}),
+    "llama3": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "mistral": (MISTRAL_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}),
+}
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is alpha?"},
+     {"role": "assistant", "content": "A letter."}, {"role": "user", "content": "And beta?\n"},
+     {"role": "assistant", "content": "  Another letter, 日本語 too 🙂  \n"}],
+    [{"role": "user", "content": "Say the end token."},       # no system message: Qwen's default system prompt
+     {"role": "assistant", "content": "I end turns with <|im_end|> and go on."}],
+    [{"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+     {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"},
+     {"role": "user", "content": "third"}, {"role": "assistant", "content": ""}],
+]
+
+
+def write_chat_tokenizer(directory, name="qwen2.5", template=None):
+    """A byte-level BPE with Qwen2's normalizer and pre-tokenizer (what transformers' Qwen2Tokenizer rebuilds), the
+    chat tokens as special added tokens, and a tokenizer_config.json with one of TEMPLATES."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)  # offsets it would shrink must not matter
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    text = [m["content"] for c in CONVERSATIONS for m in c] + ["system user assistant You are a helpful"]
+    tok.train_from_iterator(text * 4, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIAL])
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    source, special = TEMPLATES[name]
+    config = {"tokenizer_class": "Qwen2Tokenizer", **special}
+    if template is not False:
+        config["chat_template"] = template or source
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(directory)
+
+
+def sharegpt(messages):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+
+
+def write_chats(path, conversations, layout="messages"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, c in enumerate(conversations):
+            f.write(json.dumps({"id": i, "messages": c} if layout == "messages" else sharegpt(c)) + "\n")
+    return str(path)
+
+
+def hf_stream(hf, eos_id, conversations):
+    """transformers' ids and assistant masks (when its template has {% generation %}) of each conversation,
+    followed by eos unless it ends with it: what the token file must hold."""
+    ids, masks = [], []
+    for c in conversations:
+        out = hf.apply_chat_template(c, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask="{% generation %}" in hf.chat_template)
+        ids += out["input_ids"]
+        masks += out.get("assistant_masks", [0] * len(out["input_ids"]))
+        if out["input_ids"][-1] != eos_id:
+            ids.append(eos_id)
+            masks.append(0)
+    return ids, masks
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3", "mistral"])
+def test_chat_ids_equal_transformers(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    from data.prepare import open_mask
+    directory = write_chat_tokenizer(tmp_path / "tok", name)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    a = write_chats(tmp_path / "a.jsonl", CONVERSATIONS[:2])
+    b = write_chats(tmp_path / "b.jsonl", CONVERSATIONS[2:], layout="sharegpt")  # ShareGPT's layout: the same
+    meta = prepare(directory, [a, b], tmp_path / "out", progress=False)            # detected as chat per file
+    ids, _ = hf_stream(hf, meta["eos_id"], CONVERSATIONS)
+    assert open_tokens(tmp_path / "out").tolist() == ids
+    assert meta["format"] == "chat" and meta["loss_mask"] and meta["n_documents"] == {"train": 3}
+    assert meta["eos_id"] == hf.eos_token_id
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin", "train.mask"]
+    tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    mask = open_mask(tmp_path / "out").tolist()
+    runs, run = [], []  # the masked tokens, run by run: each assistant message's content and end-of-turn token
+    for token, m in zip(ids + [None], mask + [0]):
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run, skip_special_tokens=False))
+            run = []
+    end = {"qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}[name]
+    contents = [m["content"].strip() if name == "llama3" else m["content"] for c in CONVERSATIONS for m in c
+                if m["role"] == "assistant"]  # Llama 3 trims contents
+    if name == "mistral":  # the space after [/INST] counts where a token holds it and the answer's first letters
+        runs = [r[1:] if r.startswith(" ") and r[1:] == c + end else r for r, c in zip(runs, contents)]
+    assert runs == [c + end for c in contents]
+
+
+def test_chat_mask_equals_transformers_generation_mask(tmp_path):
+    """With {% generation %} markers around each assistant content and its <|im_end|>, transformers' own
+    assistant mask is the mask lrc computes without them; the markers do not change the ids."""
+    transformers = pytest.importorskip("transformers")
+    from data.prepare import open_mask
+    plain = transformers.AutoTokenizer.from_pretrained(write_chat_tokenizer(tmp_path / "plain"))
+    marked = write_chat_tokenizer(tmp_path / "marked", template=QWEN25_GENERATION)
+    hf = transformers.AutoTokenizer.from_pretrained(marked)
+    ids, masks = hf_stream(hf, hf.eos_token_id, CONVERSATIONS * 3)
+    assert ids == hf_stream(plain, plain.eos_token_id, CONVERSATIONS * 3)[0] and sum(masks) > 0
+    src = write_chats(tmp_path / "c.jsonl", CONVERSATIONS * 3)
+    for num_proc in (1, 2):
+        for tokenizer in (tmp_path / "plain", marked):
+            out = tmp_path / f"out{num_proc}{os.path.basename(tokenizer)}"
+            prepare(tokenizer, [src], out, format="chat", num_proc=num_proc, batch_size=2, progress=False)
+            assert open_tokens(out).tolist() == ids
+            assert open_mask(out).tolist() == masks
+
+
+def test_chat_spans_both_ways_agree(tmp_path):
+    """The two ways of finding the assistant's characters (data/chat.py) agree where both work, each takes over
+    where the other cannot, and a template that defeats both is refused."""
+    from data.chat import ChatError, ChatTemplate, load_chat_template
+    from data.prepare import _tokenizer_files
+    used = {}
+    for name in TEMPLATES:
+        directory = write_chat_tokenizer(tmp_path / name, name)
+        template, special, _ = load_chat_template(*_tokenizer_files(directory))
+        chat = ChatTemplate(template, special, CHAT_SPECIAL)
+        for n, c in enumerate(CONVERSATIONS):
+            text, spans = chat.assistant_spans(c)
+            assistants = [i for i, m in enumerate(c) if m["role"] == "assistant"]
+            markers = chat._spans_by_markers(c, text, assistants)
+            prefixes = chat._spans_by_prefixes(c, text, assistants)
+            assert spans == (markers if markers is not None else prefixes)
+            if markers is not None and prefixes is not None:
+                assert markers == prefixes
+            used[name, n] = "markers" if markers is not None else "prefixes" if prefixes is not None else None
+    assert used["llama3", 0] == "prefixes"   # trimmed contents with outer spaces: markers would be trimmed away
+    assert used["mistral", 0] == "markers"   # the system prompt moves to the last user turn: prefixes differ
+    assert used["qwen2.5", 0] == "markers"
+    # contents rewritten (first letter dropped) and earlier turns re-rendered (the last turn's end differs): neither
+    both = "{% for m in messages %}{{ m.content[1:] if m.role == 'assistant' else m.content }}" \
+           "{{ '<|im_end|>' if not loop.last else '<|endoftext|>' }}{% endfor %}"
+    chat = ChatTemplate(both, {}, CHAT_SPECIAL)
+    with pytest.raises(ChatError, match="cannot find the assistant's messages"):
+        chat.assistant_spans([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                              {"role": "user", "content": "bye"}])
+
+
+def test_chat_val_split_and_layouts(tmp_path):
+    from data.prepare import open_mask
+    directory = write_chat_tokenizer(tmp_path / "tok")
+    many = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+            for i in range(60)]
+    src = write_chats(tmp_path / "c.jsonl", many)
+    meta = prepare(directory, [src], tmp_path / "out", val_fraction=0.3, progress=False)
+    assert 0 < meta["n_documents"]["val"] < 60 and sum(meta["n_documents"].values()) == 60
+    assert len(open_mask(tmp_path / "out", "val")) == meta["n_tokens"]["val"]
+    sg = write_chats(tmp_path / "s.jsonl", many, layout="sharegpt")
+    prepare(directory, [sg], tmp_path / "sg", val_fraction=0.3, progress=False)
+    for name in ("train.bin", "val.bin", "train.mask", "val.mask"):
+        assert filecmp.cmp(tmp_path / "out" / name, tmp_path / "sg" / name, shallow=False), name
+    # the same conversations as text: no masks, and a chat directory's masks do not survive a text run there
+    text = write_jsonl(tmp_path / "t.jsonl", [f"question {i} answer {i}" for i in range(60)])
+    meta = prepare(directory, [text], tmp_path / "out", progress=False)
+    assert meta["format"] == "text" and "loss_mask" not in meta
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin"]
+
+
+def test_chat_bad_input_is_one_line_naming_file_and_line(tmp_path):
+    directory = write_chat_tokenizer(tmp_path / "tok")
+    good = json.dumps({"messages": CONVERSATIONS[0]})
+    cases = {
+        "layout": (json.dumps({"prompt": "hi", "answer": "ho"}), "neither 'messages' nor 'conversations'", "prompt"),
+        "role": (json.dumps({"messages": [{"role": "tool", "content": "42"}]}), "rejects this conversation",
+                 "Unexpected message role: tool"),
+        "empty": (json.dumps({"conversations": []}), "empty conversation"),
+        "content": (json.dumps({"messages": [{"role": "user", "content": ["a", "list"]}]}), "no 'content' string"),
+        "sharegpt": (json.dumps({"conversations": [{"from": "robot", "value": "beep"}]}), "'robot'"),
+    }
+    for name, (bad, *fragments) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join([good] * 3 + [bad] + [good]) + "\n")
+        for num_proc in (1, 2):
+            with pytest.raises(LRCError) as e:
+                prepare(directory, [path], tmp_path / "o", format="chat", num_proc=num_proc, batch_size=2,
+                        progress=False)
+            assert_one_line_error(e, f"{name}.jsonl:4:", *fragments)
+            assert not os.path.exists(tmp_path / "o" / "meta.json") and not os.path.exists(tmp_path / "o" / "train.bin")
+    chats = write_chats(tmp_path / "c.jsonl", CONVERSATIONS)
+    no_template = write_chat_tokenizer(tmp_path / "base", template=False)
+    with pytest.raises(LRCError) as e:
+        prepare(no_template, [chats], tmp_path / "o", progress=False)
+    assert_one_line_error(e, "c.jsonl holds chat records", "no chat template", "tokenizer_config.json")
+    broken = write_chat_tokenizer(tmp_path / "broken", template="{% for m in messages %}{{ m.content }}")
+    with pytest.raises(LRCError) as e:
+        prepare(broken, [chats], tmp_path / "o", progress=False)
+    assert_one_line_error(e, "does not parse")
+    text = write_jsonl(tmp_path / "t.jsonl", ["a document"])
+    with pytest.raises(LRCError) as e:
+        prepare(directory, [chats, text], tmp_path / "o", progress=False)
+    assert_one_line_error(e, "c.jsonl holds chat records but", "t.jsonl holds text", "--data=")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(LRCError) as e:
+        prepare(directory, [tmp_path / "x.txt"], tmp_path / "o", format="chat", progress=False)
+    assert_one_line_error(e, "x.txt", "not chat records")
+
+
+# -----------------------------------------------------------------------------
+# prepare: resume after a kill, progress
+
+class Killed(Exception):
+    """Stands for SIGKILL in the middle of an input file."""
+
+
+def test_killed_preparation_resumes_byte_identical(tmp_path, monkeypatch, capsys):
+    import data.prepare as prepare_module
+    directory = write_chat_tokenizer(tmp_path / "tok")
+    convs = [[{"role": "user", "content": f"q{i} {'x' * (i % 7)}"}, {"role": "assistant", "content": f"a{i}"}]
+             for i in range(90)]
+    files = [write_chats(tmp_path / f"part{k}.jsonl", convs[30 * k:30 * (k + 1)]) for k in range(3)]
+    names = ["train.bin", "val.bin", "train.mask", "val.mask", "meta.json"]
+    options = dict(format="chat", val_fraction=0.2, batch_size=4)
+    real = prepare_module._InputFile.__iter__
+    for num_proc in (1, 2):
+        prepare(directory, files, tmp_path / f"whole{num_proc}", num_proc=num_proc, progress=False, **options)
+        read, kill = [], {"at": files[1]}
+
+        def reading(self):
+            read.append(os.path.basename(self.path))
+            for n, item in enumerate(real(self)):
+                if self.path == kill["at"] and n == 17:
+                    raise Killed()
+                yield item
+
+        monkeypatch.setattr(prepare_module._InputFile, "__iter__", reading)
+        out = tmp_path / f"resumed{num_proc}"
+        with pytest.raises(Killed):
+            prepare(directory, files, out, num_proc=num_proc, progress=False, **options)
+        # nothing looks done: no meta.json, no token file under its final name; the record covers part0 only
+        assert not [n for n in names if os.path.exists(out / n)]
+        record = json.load(open(out / "progress.json"))
+        assert record["files_done"] == 1 and [os.path.basename(i[1]) for i in record["inputs"]] == ["part0.jsonl"]
+        if num_proc == 1:  # the half-read part1 was written and must be cut off again
+            assert os.path.getsize(out / "train.bin.partial") > record["bytes"]["train.bin"]
+        read.clear()
+        kill["at"] = None
+        capsys.readouterr()
+        prepare(directory, files, out, num_proc=num_proc, progress=True, **options)
+        assert read == ["part1.jsonl", "part2.jsonl"]  # part0 is not read again
+        assert "resuming" in capsys.readouterr().err
+        for name in names:
+            assert filecmp.cmp(tmp_path / f"whole{num_proc}" / name, out / name, shallow=False), name
+        assert sorted(os.listdir(out)) == sorted(names)  # no progress record, no partial file left
+        monkeypatch.setattr(prepare_module._InputFile, "__iter__", real)
+    assert filecmp.cmp(tmp_path / "whole1" / "train.bin", tmp_path / "whole2" / "train.bin", shallow=False)
+
+
+def test_interrupted_preparation_with_other_settings_starts_over(toy, docs, tmp_path, monkeypatch, capsys):
+    import data.prepare as prepare_module
+    files = [write_jsonl(tmp_path / f"d{k}.jsonl", docs[100 * k:100 * (k + 1)]) for k in range(3)]
+    real = prepare_module._Output.file_done
+
+    def kill_after_first(self, index):
+        real(self, index)
+        raise Killed()
+
+    monkeypatch.setattr(prepare_module._Output, "file_done", kill_after_first)
+    with pytest.raises(Killed):
+        prepare(toy["tokenizer"], files, tmp_path / "o", val_fraction=0.1, progress=False)
+    monkeypatch.setattr(prepare_module._Output, "file_done", real)
+    capsys.readouterr()
+    prepare(toy["tokenizer"], files, tmp_path / "o", val_fraction=0.2, progress=True)
+    err = capsys.readouterr().err
+    assert "starting over" in err and "val_fraction" in err
+    prepare(toy["tokenizer"], files, tmp_path / "fresh", val_fraction=0.2, progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert filecmp.cmp(tmp_path / "o" / name, tmp_path / "fresh" / name, shallow=False)
+    # a first input that changed since (its size or time) also starts over
+    monkeypatch.setattr(prepare_module._Output, "file_done", kill_after_first)
+    with pytest.raises(Killed):
+        prepare(toy["tokenizer"], files, tmp_path / "o", progress=False)
+    monkeypatch.setattr(prepare_module._Output, "file_done", real)
+    write_jsonl(files[0], docs[:99])
+    capsys.readouterr()
+    prepare(toy["tokenizer"], files, tmp_path / "o", progress=True)
+    assert "first 1 input files are not these" in capsys.readouterr().err
+    prepare(toy["tokenizer"], files, tmp_path / "fresh", progress=False)
+    assert filecmp.cmp(tmp_path / "o" / "train.bin", tmp_path / "fresh" / "train.bin", shallow=False)
+
+
+def test_two_preparations_into_one_directory_are_refused(toy, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    src = write_jsonl(tmp_path / "d.jsonl", ["a document"])
+    os.makedirs(tmp_path / "o")
+    fd = os.open(tmp_path / "o", os.O_RDONLY)  # what a running preparation holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(LRCError) as e:
+            prepare(toy["tokenizer"], [src], tmp_path / "o", progress=False)
+        assert_one_line_error(e, "another data/prepare.py is writing")
+    finally:
+        os.close(fd)
+    prepare(toy["tokenizer"], [src], tmp_path / "o", progress=False)
+
+
+def test_progress_line_has_rate_and_eta(capsys, monkeypatch):
+    import data.prepare as prepare_module
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(prepare_module.time, "time", lambda: next(clock))
+    meter = prepare_module._Progress(True, total_bytes=1000, done_bytes=100, done_tokens=1000)  # a resumed run
+    meter.update(docs=10, tokens=6000, bytes_done=325)  # 10 s for a quarter of the input: 30 s to go
+    line = capsys.readouterr().err
+    assert "500 tokens/s" in line and "32.5% of the input" in line and "ETA 30s" in line, line
 
 
 # -----------------------------------------------------------------------------

@@ -127,6 +127,8 @@ def test_presets_match_the_released_models():
         (6.7e-5, 0.005, "linear", 2048, 32768)
     assert (c["beta1"], c["beta2"], c["grad_clip"], c["max_tokens"], c["max_steps"]) == (0.9, 0.999, 1.0, 20e9, None)
     assert c["tokens_per_step"] % (c["seq_len"] * c["micro_batch_size"] * 8) == 0   # one 8-GPU node
+    # the card's Mixed-1.1: Fineweb-Edu 20B and OpenHermes 2.5 450M tokens, drawn from by those shares
+    assert c["data"] == {"tokens/fineweb_edu": pytest.approx(20 / 20.45), "tokens/openhermes": pytest.approx(0.45 / 20.45)}
     c = train.parse_args([os.path.join(REPO, "config", "lrc_4b.py")])
     assert (c["teacher"], c["student_hidden"], c["tie_proj"], c["max_tokens"]) == \
         ("Qwen/Qwen2.5-7B-Instruct", 2048, False, 18e9)
@@ -141,6 +143,8 @@ def test_presets_match_the_released_models():
     assert c["tokens_per_step"] == 3 * 2048 * 8 and c["micro_batch_size"] == 3
     # the recipes use the official code's attention-output term, the toy keeps the paper's
     assert train.parse_args([os.path.join(REPO, "config", "lrc_1.7b.py")])["clone_attn_out"] == "teacher"
+    c = train.parse_args([os.path.join(REPO, "config", "sft_ultrachat.py")])  # the LRC-4B-SFT card's setting
+    assert (c["method"], c["lr"], c["max_tokens"]) == ("sft", 1e-5, 0.2e9)
     toy = train.parse_args([os.path.join(REPO, "config", "toy.py")])
     assert toy == train.DEFAULTS  # the toy preset is what `python train.py` runs
     assert toy["clone_attn_out"] == "student"
@@ -166,11 +170,22 @@ def test_schedule_warmup_then_decay():
     assert cos[55] == pytest.approx(0.55) and cos[30] > lrs[30]
 
 
-def windows_read(tokens, steps, world_size=1, grad_accum=1, mbs=2, seq_len=4, sampler="epoch", start=(0, 0), seed=3):
-    """Every window start read in `steps`, in the order of the global batch (micro-step, then rank)."""
-    ranks = [loader.TokenWindows(tokens, seed, seq_len, mbs, r, world_size, grad_accum, torch.device("cpu"),
+def mixture(*token_arrays, weights=None):
+    sources = [loader.TokenData(f"src{i}", {}, tokens, None, {}) for i, tokens in enumerate(token_arrays)]
+    weights = weights or [1.0] * len(sources)
+    return loader.Mixture("x", sources, [w / sum(weights) for w in weights], [f"src{i}" for i in range(len(sources))])
+
+
+def windows_read(tokens, steps, world_size=1, grad_accum=1, mbs=2, seq_len=4, sampler="epoch", start=(0, None),
+                 seed=3, data=None):
+    """Every window (source, start) read in `steps`, in the order of the global batch (micro-step, then rank);
+    for one source just the starts."""
+    data = data or mixture(tokens)
+    ranks = [loader.TokenWindows(data, seed, seq_len, mbs, r, world_size, grad_accum, torch.device("cpu"),
                                  sampler, start) for r in range(world_size)]
-    return [int(s) for step in steps for m in range(grad_accum) for w in ranks for s in w.starts(step, m)]
+    read = [(int(j), int(s)) for step in steps for m in range(grad_accum) for w in ranks
+            for j, s in zip(*w.starts(step, m))]
+    return [s for _, s in read] if len(data.sources) == 1 else read
 
 
 def test_epoch_sampler_reads_every_window_once_per_pass():
@@ -179,8 +194,8 @@ def test_epoch_sampler_reads_every_window_once_per_pass():
     first, second = read[:12], read[12:]
     assert sorted(first) == sorted(second) == list(range(0, 48, 4))   # each window once per pass
     assert first != second and first != sorted(first)       # shuffled, and differently in each pass
-    w = loader.TokenWindows(tokens, 3, 4, 2, 0, 1, 1, torch.device("cpu"))
-    assert w.epoch(6) == 1.0 and w.epoch(9) == 1.5
+    w = loader.TokenWindows(mixture(tokens), 3, 4, 2, 0, 1, 1, torch.device("cpu"))
+    assert w.epoch(6) == [1.0] and w.epoch(9) == [1.5]
     x, y = w.batch(0, 0)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 4)     # y is x shifted by one token
     # the old sampler, for comparison: with replacement, so a pass can repeat and miss windows
@@ -194,9 +209,29 @@ def test_epoch_sampler_is_the_same_for_any_world_size_and_after_resume():
     assert windows_read(tokens, range(10), world_size=2, grad_accum=2) == one
     assert windows_read(tokens, range(10), world_size=4, grad_accum=1) == one
     # resumed at step 6 with the count its checkpoint records (6 steps x 8 windows), as train.py does
-    assert windows_read(tokens, range(6, 10), world_size=2, grad_accum=2, start=(6, 48)) == one[48:]
+    assert windows_read(tokens, range(6, 10), world_size=2, grad_accum=2, start=(6, [48])) == one[48:]
     # a resumed run may change the batch: the count continues where the checkpoint left it
-    assert windows_read(tokens, range(6, 8), world_size=1, grad_accum=2, start=(6, 48)) == one[48:56]
+    assert windows_read(tokens, range(6, 8), world_size=1, grad_accum=2, start=(6, [48])) == one[48:56]
+    # the old sampler, one source, is exactly the draws it always made
+    random = windows_read(tokens, range(3), grad_accum=4, sampler="random")
+    assert random == [int(s) for step in range(3) for s in loader.window_offsets(3, step, 8, len(tokens), 4)]
+
+
+def test_a_mixture_draws_by_weight_and_keeps_a_pass_per_source():
+    a, b = np.arange(4 * 30 + 1), np.arange(4 * 10 + 1)     # 30 and 10 windows
+    data = mixture(a, b, weights=[3, 1])
+    read = windows_read(None, range(100), grad_accum=4, data=data)                # 800 windows
+    share = sum(j == 1 for j, _ in read) / len(read)
+    assert abs(share - 0.25) < 0.05                                                # by weight
+    for j, n in ((0, 30), (1, 10)):
+        mine = [s for k, s in read if k == j]
+        passes = [mine[i:i + n] for i in range(0, len(mine) - n + 1, n)]
+        assert len(passes) >= 5 and all(sorted(p) == list(range(0, 4 * n, 4)) for p in passes)  # once per pass
+    assert windows_read(None, range(100), world_size=2, grad_accum=2, data=data) == read   # any world size
+    w = loader.TokenWindows(data, 3, 4, 2, 0, 1, 4, torch.device("cpu"))
+    counts = w.windows_before(60)                                                  # resume from step 60's counts
+    assert windows_read(None, range(60, 100), grad_accum=4, data=data, start=(60, counts.tolist())) == read[480:]
+    assert sum(counts) == 480 and w.epoch(60) == [counts[0] / 30, counts[1] / 10]
 
 
 def test_window_sampling_is_a_pure_function_of_seed_and_step():
@@ -230,8 +265,8 @@ def test_lrc_run_writes_the_checkpoint_format(world, tmp_path, capsys):
         {"exp_avg", "exp_avg_sq", "step"}
     state = json.load(open(os.path.join(ckpt, "state.json")))
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 128 and state["method"] == "lrc"
-    assert state["sampler"] == "epoch" and state["data"]["next_window"] == 12 * 128 // 16
-    assert state["data"]["epoch"] == pytest.approx(12 * 8 / ((5000 - 1) // 16))
+    assert state["sampler"] == "epoch" and state["data"]["sources"][0]["windows_read"] == 12 * 128 // 16
+    assert state["data"]["sources"][0]["epoch"] == pytest.approx(12 * 8 / ((5000 - 1) // 16))
     assert state["teacher"] == world["teacher"] and state["lrc_version"] == 1
     assert state["teacher_config"] == teacher.config.to_dict()
     assert state["student_config"] == model.student_config.to_dict()
@@ -489,3 +524,106 @@ def test_broken_data_is_refused_before_the_toy_teacher_is_trained(tmp_path):
         train.train(dict(out_dir=str(tmp_path / "out"), data=make_data(str(tmp_path / "big"), vocab=5000)))
     assert "5000-token vocabulary" in assert_one_line(e)
     assert not os.path.exists(tmp_path / "out" / "teacher")
+
+
+# -----------------------------------------------------------------------------
+# mixtures of prepared directories, and SFT on chat data (assistant tokens only)
+
+def test_a_mixture_trains_by_weight_logs_each_source_and_resumes_exactly(world, tmp_path, capsys):
+    other = make_data(str(tmp_path / "other"))
+    mix = {world["data"]: 0.7, other: 0.3}
+    assert train.parse_args([f"--data={mix!r}"])["data"] == mix                     # a dict literal on the CLI
+    straight = train.train(config(world, tmp_path / "a", data=mix, max_steps=6, save_interval=3))
+    out = capsys.readouterr().out
+    assert "data data 70.0% + other 30.0%" in out and "other " in out and " tok ep " in out
+    rows = [json.loads(line) for line in open(os.path.join(straight["out_dir"], "metrics.jsonl"))]
+    reads = rows[-1]["sources"]
+    assert set(reads) == {"data", "other"} and sum(r["tokens"] for r in reads.values()) == 6 * 128
+    state = json.load(open(os.path.join(straight["checkpoint"], "state.json")))
+    assert [s["weight"] for s in state["data"]["sources"]] == [0.7, 0.3]
+    train.train(config(world, tmp_path / "b", data=mix, max_steps=6, stop_step=3))
+    resumed = train.train(config(world, tmp_path / "b", data=mix, max_steps=6, resume=True))
+    a, b = tensors(straight["checkpoint"]), tensors(resumed["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(lrc.LRCError) as e:
+        train.train(config(world, tmp_path / "b", data=world["data"], max_steps=6, resume=True))
+    assert "2 data source(s), this run has 1" in assert_one_line(e)
+    for bad in ({world["data"]: 0}, {world["data"]: "a lot"}, {}):
+        with pytest.raises(lrc.LRCError) as e:
+            train.train(config(world, tmp_path / "c", data=bad))
+        assert "positive weight" in assert_one_line(e) or "neither" in str(e.value)
+
+
+def make_chat_data(path, n_turns=150, seed=0):
+    """Conversations as token files with a loss mask: a user turn of random tokens, then an assistant turn
+    that follows a rule (each token is the previous one + 1), mask 1 on the assistant's tokens only."""
+    rng = np.random.default_rng(seed)
+    tokens, mask = [], []
+    for _ in range(n_turns):
+        user = rng.integers(1, VOCAB, 6)
+        start = int(rng.integers(1, VOCAB - 8))
+        reply = np.arange(start, start + 6)
+        tokens += [*user, *reply, 0]
+        mask += [0] * 6 + [1] * 7                                     # the reply and its end-of-turn token
+    tokens, mask = np.array(tokens), np.array(mask, dtype=np.uint8)
+    split = len(tokens) * 4 // 5
+    os.makedirs(path, exist_ok=True)
+    for name, part in (("train", slice(0, split)), ("val", slice(split, None))):
+        tokens[part].astype("<u4").tofile(os.path.join(path, f"{name}.bin"))
+        mask[part].tofile(os.path.join(path, f"{name}.mask"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"vocab_size": VOCAB, "eos_id": 0, "tokenizer_sha256": hashlib.sha256(b'{"toy": "tokenizer"}').hexdigest(),
+                   "n_tokens": {"train": split, "val": len(tokens) - split}, "loss_mask": "uint8"}, f)
+    return path
+
+
+def test_sft_windows_mask_everything_but_the_assistant(tmp_path):
+    data = loader.open_mixture(make_chat_data(str(tmp_path / "chat")), seq_len=16)
+    w = loader.TokenWindows(data, 1, 16, 4, 0, 1, 1, torch.device("cpu"), use_mask=True)
+    x, y = w.batch(0, 0)
+    starts = w.starts(0, 0)[1]
+    source = data.sources[0]
+    for row, start in enumerate(starts):
+        predicted = source.train_mask[start + 1:start + 17]
+        assert torch.equal(y[row] == -1, torch.from_numpy(predicted == 0))
+        kept = y[row] != -1
+        assert torch.equal(y[row][kept], torch.from_numpy(source.train_tokens[start + 1:start + 17].astype(np.int64))[kept])
+    # no gradient flows from a masked position: the loss head's gradient rows there are exactly zero
+    h = torch.randn(4, 16, 8, requires_grad=True)
+    W = torch.randn(VOCAB, 8, requires_grad=True)
+    lrc.distill_loss(h, W, y)[0].backward()
+    masked = (y == -1)
+    assert masked.any() and (~masked).any()
+    assert torch.all(h.grad[masked] == 0) and torch.all(h.grad[~masked].abs().sum(-1) > 0)
+    with pytest.raises(lrc.LRCError, match="has no loss mask"):
+        loader.TokenWindows(loader.open_mixture(make_data(str(tmp_path / "plain")), 16), 1, 16, 4, 0, 1, 1,
+                            torch.device("cpu"), use_mask=True)
+
+
+def test_sft_lowers_the_assistant_loss_and_converts(world, tmp_path):
+    from checkpoint import load_checkpoint
+    chat = make_chat_data(str(tmp_path / "chat"))
+    init = world["teacher"]                                        # any Hugging Face checkpoint of ours
+    summary = train.train(config(world, tmp_path / "sft", method="sft", init_from=init, data=chat, max_steps=16,
+                                 lr=3e-3, eval_tokens=512, log_interval=4))
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path / "sft"), "metrics.jsonl"))]
+    assert summary["last"]["lm"] < summary["first"]["lm"] and summary["val"]["val_lm"] < rows[0]["lm"]
+    assert summary["last"]["kl"] == 0.0 and summary["last"]["clone"] == 0.0
+    state = json.load(open(os.path.join(summary["checkpoint"], "state.json")))
+    assert state["method"] == "sft" and state["init_from"] == init and state["teacher"] is None
+    assert not os.path.exists(tmp_path / "sft" / "data")            # no toy world for a run without a teacher
+    assert state["student_config"] == lrc.load_qwen2(init).config.to_dict()
+    model, loaded = load_checkpoint(summary["checkpoint"])
+    assert loaded["teacher_dir"] == init                            # its tokenizer files come from init_from
+    trained = tensors(summary["checkpoint"])
+    assert not torch.equal(trained["model.embed_tokens.weight"], lrc.load_qwen2(init).model.embed_tokens.weight)
+    from convert import convert                                    # the second stage's output: a standard HF directory
+    out = convert(summary["out_dir"], str(tmp_path / "sft_hf"))
+    converted = lrc.load_qwen2(out)
+    assert torch.equal(converted.model.embed_tokens.weight, trained["model.embed_tokens.weight"])
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert json.load(open(os.path.join(out, "config.json")))["lrc"]["method"] == "sft"
+    for bad, words in [(dict(init_from=None), "--init_from=DIR"), (dict(data=world["data"]), "has no loss mask")]:
+        with pytest.raises(lrc.LRCError) as e:
+            train.train(config(world, tmp_path / "bad", **{"method": "sft", "init_from": init, "data": chat, **bad}))
+        assert words in assert_one_line(e)
