@@ -223,6 +223,12 @@ class Qwen2Block(nn.Module):
             ffn_norm=self.post_attention_layernorm.weight,
             gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight)
 
+    def forward(self, x, cos, sin, config, cache=None, layer_index=0):
+        """This layer (qwen2_layer with this block's weights). LRCLayer runs the teacher stream through it, so
+        that a wrapper hooked on forward() (FSDP2, which gathers a unit around its modules' forwards) sees the
+        teacher block run."""
+        return qwen2_layer(x, self.weights(), cos, sin, config, cache, layer_index)
+
 
 class Qwen2(nn.Module):
     def __init__(self, config: Qwen2Config):
@@ -408,6 +414,31 @@ class LRCLayer(nn.Module):
         return (mse(s.q, t.q) + mse(s.k, t.k) + mse(s.v, t.v) + mse(s.gate, t.gate) + mse(s.up, t.up)
                 + mse(s.o, t.o @ self.P_o.to(dt).T) + mse(s.ffn_out, t.ffn_out @ self.P_down.to(dt).T))
 
+    def forward(self, block: "Qwen2Block", x_t, x_s, cos, sin, config, with_teacher=True, checkpoint=False):
+        """Layer i of both streams (spec section 4): generate the student weights from the teacher block's,
+        run the teacher layer (no grad), then the student layer and its clone loss. Returns (x_t, x_s,
+        clone_i); clone_i is None without the teacher.
+
+        Organised for a wrapper that gathers parameters around forward() calls (FSDP2's fully_shard([block,
+        layer]) as one unit, distributed.py): everything layer i reads, the teacher block's weights and this
+        layer's projections, is read inside this forward(), and the teacher stream runs through the block's
+        own forward(), since FSDP2 completes a unit (frees it after forward, hooks its backward) only once
+        each of its modules has run."""
+        # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
+        student_weights = self.generate(block.weights())
+        act_t = None
+        if with_teacher:
+            with torch.no_grad():
+                x_t, act_t = block(x_t, cos, sin, config)
+        if checkpoint and torch.is_grad_enabled():
+            # recomputes the student layer and its clone loss only: the teacher's activations are
+            # inputs (kept anyway for the clone loss), so the teacher never runs twice
+            x_s, clone_i = torch.utils.checkpoint.checkpoint(
+                student_layer, self, x_s, student_weights, act_t, cos, sin, config, use_reentrant=False)
+        else:
+            x_s, clone_i = student_layer(self, x_s, student_weights, act_t, cos, sin, config)
+        return x_t, x_s, clone_i
+
 
 def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config):
     """One student layer and, given the teacher's activations, its clone loss (spec section 4)."""
@@ -456,20 +487,7 @@ class LRC(nn.Module):
         x_s = x_t @ self.P_emb.to(x_t.dtype)
         clone = torch.zeros((), device=idx.device)
         for block, layer in zip(teacher.model.layers, self.layers):
-            teacher_weights = block.weights()
-            # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
-            student_weights = layer.generate(teacher_weights)
-            act_t = None
-            if with_teacher:
-                with torch.no_grad():
-                    x_t, act_t = qwen2_layer(x_t, teacher_weights, cos, sin, c)
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                # recomputes the student layer and its clone loss only: the teacher's activations are
-                # inputs (kept anyway for the clone loss), so the teacher never runs twice
-                x_s, layer_clone = torch.utils.checkpoint.checkpoint(
-                    student_layer, layer, x_s, student_weights, act_t, cos, sin, c, use_reentrant=False)
-            else:
-                x_s, layer_clone = student_layer(layer, x_s, student_weights, act_t, cos, sin, c)
+            x_t, x_s, layer_clone = layer(block, x_t, x_s, cos, sin, c, with_teacher, self.checkpoint_layers)
             if with_teacher:
                 clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)

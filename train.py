@@ -93,6 +93,9 @@ DEFAULTS = dict(
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
     activation_checkpointing=False,  # lrc only: recompute each student layer in backward (less memory, ~1 more forward)
+    parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards projections, grads, AdamW
+    shard_teacher=False,          # fsdp only: also shard the frozen teacher, each layer gathered while it is used
+    fsdp_grad_sync="micro_step",  # fsdp: reduce-scatter every micro-step (sharded grads) or once per 'step'
     strict_tokenizer=False,       # data made with another tokenizer.json than the teacher's: False warns, True refuses
     wandb_project=None,           # log to Weights & Biases (only if wandb is installed)
     wandb_run_name=None,
@@ -111,7 +114,8 @@ KEYS = Keys(
     optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
               "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
     choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
-             "compile": ("auto", True, False)},
+             "compile": ("auto", True, False), "parallel": distributed.PARALLEL,
+             "fsdp_grad_sync": distributed.GRAD_SYNC},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
 
@@ -182,7 +186,8 @@ def schedule_length(cfg, world_size):
 def setup(cfg, log_prefix=""):
     """The Run of this process: checks the batch arithmetic, then joins the process group under torchrun."""
     grad_accum, max_steps = schedule_length(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    procs = distributed.init(cfg["device"])
+    distributed.check_parallel(cfg["parallel"], cfg["shard_teacher"], cfg["method"])
+    procs = distributed.init(cfg["device"], cfg["parallel"])
     cuda = procs.device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -220,6 +225,7 @@ def build_toy_teacher(cfg, paths, teacher_dir, run_dir, log=print, log_prefix="[
     run_cfg = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
                    out_dir=run_dir, max_steps=recipe["steps"], max_tokens=None, stop_step=None, lr=recipe["lr"],
                    min_lr=0.0, resume=False, overwrite=True, save_interval=0, keep_last=1, wandb_project=None,
+                   parallel="ddp", shard_teacher=False,  # a tiny Qwen2: nothing to shard (fsdp is for method=lrc)
                    eval_interval=0, log_interval=max(cfg["log_interval"], recipe["steps"] // 8))
     summary = train(run_cfg, log_prefix=log_prefix)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -266,9 +272,11 @@ def student_config_of(cfg, teacher_config):
 
 def build_model(cfg, teacher_dir, student_config, run):
     """The module being trained. Its float32 parameters are the trainable ones; a bf16 teacher on GPU is
-    frozen, so it needs no float32 master copy."""
+    frozen, so it needs no float32 master copy. For FSDP2 it is built in host memory and each unit moves to
+    the device as it is sharded (distributed.shard)."""
     torch.manual_seed(cfg["seed"])  # identical initialisation on every rank (DDP also broadcasts rank 0's)
-    teacher = lrc.load_qwen2(teacher_dir, run.device, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
+    where = "cpu" if cfg["parallel"] == "fsdp" else run.device
+    teacher = lrc.load_qwen2(teacher_dir, where, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
                        init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
@@ -295,6 +303,8 @@ class Job:
     tokens_seen: int = 0
     saved: Optional[str] = None   # the latest checkpoint written or resumed from
     t_start: float = field(default_factory=time.time)
+
+    sharded = property(lambda self: distributed.is_sharded(self.model))
 
     def checkpoint_state(self, step):
         """state.json of a checkpoint at `step` (format in checkpoint.py)."""
@@ -338,17 +348,19 @@ def build(cfg, run):
         checkpoint.check_resumable(resume_from[0], existing, identity)
 
     model = build_model(cfg, teacher_dir, student_config, run)
+    # wrapped before the optimizer is made: FSDP2 replaces the parameters by their shards
+    train_model, ddp = distributed.wrap(model, run.procs, run.use_compile, cfg["parallel"], cfg["shard_teacher"],
+                                        run.compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
-    job = Job(run, data, model, model, None, optimizer, params, model.checkpoint_tensors(), identity,
+    job = Job(run, data, model, train_model, ddp, optimizer, params, model.checkpoint_tensors(), identity,
               teacher, toy_paths)
     if resume_from is not None:
         job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
-                                                       run.device)
+                                                       run.device, model if job.sharded else None)
         job.saved = existing
         run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
-    job.train_model, job.ddp = distributed.wrap(model, run.procs, run.use_compile)
     if run.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         checkpoint.remove_stale_temporaries(cfg["out_dir"])
@@ -457,11 +469,10 @@ def check_finite(job, acc):
 def save(job, acc):
     check_finite(job, acc)
     run = job.run
+    weights, optimizer = checkpoint.gather(job.model, job.optimizer, job.model_state, run.master, job.sharded)
     if run.master:
-        job.saved = checkpoint.save_checkpoint(
-            run.cfg["out_dir"], job.step, job.model_state,
-            checkpoint.optimizer_tensors(job.optimizer, {p: n for n, p in job.model_state.items()}),
-            job.checkpoint_state(job.step), run.cfg["keep_last"])
+        job.saved = checkpoint.save_checkpoint(run.cfg["out_dir"], job.step, weights, optimizer,
+                                               job.checkpoint_state(job.step), run.cfg["keep_last"])
     distributed.barrier()
     job.saved = os.path.join(run.cfg["out_dir"], f"ckpt_{job.step:08d}")
 
@@ -509,8 +520,8 @@ def train_loop(job, metrics):
             group["lr"] = lr
         for micro in range(run.grad_accum):
             last_micro = micro == run.grad_accum - 1
-            # gradient all-reduce only on the last micro-step
-            with job.ddp.no_sync() if job.ddp is not None and not last_micro else nullcontext():
+            # DDP: gradient all-reduce only on the last micro-step; FSDP2: cfg["fsdp_grad_sync"]
+            with distributed.micro_step(job.model, job.ddp, last_micro, cfg["fsdp_grad_sync"]):
                 with run.autocast():
                     loss, parts = job.train_model(x, y)
                 # fetch the next micro-batch while the device works
@@ -518,7 +529,7 @@ def train_loop(job, metrics):
                 (loss / run.grad_accum).backward()
             acc.add_micro(loss, parts, run.grad_accum)
         # the global norm is computed (and logged) even without clipping: inf never clips
-        grad_norm = torch.nn.utils.clip_grad_norm_(job.params, cfg["grad_clip"] or math.inf, foreach=True)
+        grad_norm = distributed.clip_grad_norm(job.params, cfg["grad_clip"] or math.inf)
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
         job.step += 1
@@ -553,7 +564,8 @@ def train(cfg=None, log_prefix=""):
         job = build(cfg, run)
         cfg = run.cfg
         run.log(f"method {cfg['method']} | teacher {job.teacher} | data {job.data.path} | device {run.device} x "
-                f"{run.world_size} | dtype {run.dtype_name} | compile {run.use_compile}")
+                f"{run.world_size} | {cfg['parallel']}{' + shard_teacher' if cfg['shard_teacher'] else ''} | "
+                f"dtype {run.dtype_name} | compile {run.use_compile}")
         run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
                 f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
                 f"{cfg['tokens_per_step']:,} tokens/step | steps {job.step} -> {run.end_step} of {run.max_steps} | "
