@@ -18,6 +18,13 @@ and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on 
   python bench.py --shape=mid --checkpoint=True       # also (c) with activation checkpointing
   python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048
   python bench.py --shape=mid --hidden_size=768 ...   # a shape's dims can be overridden one by one
+  python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80   # memory planner: what fits
+
+The memory planner (--plan CONFIG [--key=value ...]: train.py's config and keys, plus --world_size,
+--gpu_mem_gib, --headroom, --teacher_config=FILE, --plan_micro_batch_sizes) estimates the peak memory per
+rank of one training step for DDP, FSDP2 and FSDP2 with the teacher sharded, with and without activation
+checkpointing, at micro-batches of 1, 2, 4 and 8, by running the step under FakeTensorMode; see
+docs/scaling.md and the section "The memory planner" below.
 
 MFU counts model FLOPs only, per token: 2 x teacher params + 6 x student params + attention, where
 "params" are those that take part in a matmul (the layers and the LM head; an embedding lookup is
@@ -551,10 +558,11 @@ def report(done, dev, tokens_per_step, flops_c):
 # allocator fragmentation, kernels' private workspaces (what the 10% headroom is for); torch.compile is not
 # simulated (eager; compiling usually lowers activation memory).
 
-# Teachers whose config.json is known without the hub (the fields lrc reads), as published on the Hugging Face
-# hub: https://huggingface.co/<id>/blob/main/config.json. The 14B (14,770,033,664 parameters by these numbers,
-# the model card's 14.7B) and 32B (32,763,876,352) values were checked against copies of those files and the
-# model cards' "Number of Layers" / "Attention Heads (GQA)".
+# Teachers whose config.json is known without the hub (the fields lrc reads), from the files published at
+# https://huggingface.co/<id>/blob/main/config.json (3B and 7B are also bench.SHAPES). 32B: checked against a
+# verbatim copy of its config.json; 14B: against its model card (48 layers,
+# 40 query / 8 kv heads, 14.7B parameters: these numbers give 14,770,033,664) and copies of hidden 5120,
+# intermediate 13824, vocabulary 152064. Untied, rms_norm_eps 1e-6, rope_theta 1e6, 32768 positions in both.
 _QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                use_sliding_window=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
 KNOWN_TEACHERS = {
@@ -574,6 +582,8 @@ KNOWN_TEACHERS = {
 PLAN_KEYS = dict(plan=False, world_size=8, gpu_mem_gib=80.0, teacher_config="", headroom=0.1,
                  plan_micro_batch_sizes="1,2,4,8")
 SETTINGS = [("ddp", False), ("fsdp", False), ("fsdp", True)]   # parallel, shard_teacher
+CHECKPOINTING = (False, True, "layer")                         # activation_checkpointing: off, student, layer
+AC_NAMES = {False: "off", True: "student", "layer": "layer"}
 PLAN_MICRO_BATCHES = (1, 2, 4, 8)
 COLUMNS = ("teacher", "trainable", "generated", "activations")
 
@@ -733,10 +743,11 @@ def plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, d
     finally:
         torch.set_default_dtype(default)
     model = lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
-                    init_std=cfg["init_std"], checkpoint_layers=ac)
+                    init_std=cfg["init_std"], checkpoint_layers=ac is True)
     # DDP itself is left out (its reducer reads real memory) and emulated by _emulate_ddp_buckets
     procs = distributed.Processes(0, 0, world_size if parallel == "fsdp" else 1, torch.device("cpu"), False)
-    train_model, _ = distributed.wrap(model, procs, False, parallel, shard_teacher, dtype, mesh)
+    train_model, _ = distributed.wrap(model, procs, False, parallel, shard_teacher, dtype, mesh,
+                                      whole_layers=ac == "layer")
     params = [p for p in model.parameters() if p.requires_grad]
     bucket = _emulate_ddp_buckets(params) if parallel == "ddp" and world_size > 1 else None
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
@@ -827,24 +838,29 @@ def _labelled_generation(tracker):
         lrc.LRCLayer.generate, lrc.LRC.student_head = saved
 
 
-def real_cpu_peak(teacher_cfg, cfg, parallel, ac, mbs, micro_steps):
-    """The same two steps for real on this CPU (one process; parallel=fsdp on a one-rank gloo group), float32:
-    the most bytes the CPU allocator held during the second step, counting everything allocated since the
-    build began (torch.profiler memory events), to check estimate() against."""
+def real_cpu_peak(teacher_cfg, cfg, parallel, ac, mbs, micro_steps, shard_teacher=False):
+    """The same two steps for real on this CPU, float32: the most bytes the CPU allocator held during the
+    second step, counting everything allocated since the build began (torch.profiler memory events), to check
+    estimate() against. One process (parallel=fsdp on a one-rank gloo group), or this rank of the process
+    group torchrun made (parallel=fsdp only: DDP is emulated by the planner, not run)."""
     import torch.distributed as dist
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
-    if parallel == "fsdp":
+    made = parallel == "fsdp" and not dist.is_initialized()
+    if made:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    assert parallel == "fsdp" or world == 1, "DDP's peak is measured in one process"
     try:
+        mesh = distributed.device_mesh("cpu", world) if parallel == "fsdp" else None
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            state = plan_build(teacher_cfg, cfg, parallel, False, ac, mbs, 1, torch.float32)
+            state = plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world, torch.float32, mesh)
             plan_step(state, micro_steps, cfg)
             with record_function("measured step"):
                 plan_step(state, micro_steps, cfg)
             del state
     finally:
-        if parallel == "fsdp":
+        if made:
             dist.destroy_process_group()
 
     def walk(events):
@@ -862,27 +878,38 @@ def real_cpu_peak(teacher_cfg, cfg, parallel, ac, mbs, micro_steps):
     return peak
 
 
+def layer_matmul_params(c: lrc.Qwen2Config) -> int:
+    """matmul_params without the LM head: what one pass through the layers multiplies by."""
+    return matmul_params(c) - c.vocab_size * c.hidden_size
+
+
 def step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, grad_accum):
     """(FLOPs per token, communication bytes per rank per optimizer step): arithmetic, to rank the settings that
-    fit. FLOPs: the model FLOPs of MFU, plus generating the weights (W @ P forward, P's gradient backward: 4 *
-    d_s FLOPs per teacher matmul parameter, once per micro-step, so spread over mbs * seq_len tokens), plus
-    recomputing the student forward under activation checkpointing. Bytes: ring collectives, (N-1)/N of the
-    data: DDP all-reduces float32 gradients once per step; FSDP2 gathers bf16 parameters for forward and again
-    for backward and reduce-scatters float32 gradients, every micro-step (fsdp_grad_sync='micro_step')."""
-    T, d_s = cfg["seq_len"], student_cfg.hidden_size
-    flops = model_flops_per_token(teacher_cfg, student_cfg, T, "c")
-    flops += 4 * d_s * matmul_params(teacher_cfg) / (mbs * T)
+    fit. FLOPs: the model FLOPs of MFU (2 x teacher + 6 x student matmul parameters + attention), plus generating
+    the weights (W @ P forward and P's gradient backward, 4 * d_s FLOPs per teacher matmul parameter, once per
+    micro-step, so spread over mbs * seq_len tokens), plus what activation checkpointing recomputes: the student
+    layers (True), or whole layers (teacher layer, weight generation and student layer: 'layer'). Bytes: ring
+    collectives move (N-1)/N of the data; DDP all-reduces float32 gradients once per step; FSDP2 gathers the bf16
+    layers for forward and again for backward, the root once, and reduce-scatters float32 gradients every
+    micro-step (fsdp_grad_sync='micro_step') or once; shard_teacher gathers the teacher the same way."""
+    T, d, d_s = cfg["seq_len"], teacher_cfg.hidden_size, student_cfg.hidden_size
+    generate = 2 * d_s * matmul_params(teacher_cfg) / (mbs * T)      # one forward of W @ P per micro-step
+    flops = model_flops_per_token(teacher_cfg, student_cfg, T, "c") + 2 * generate
     if ac:
-        flops += 2 * matmul_params(student_cfg) + attention_flops(student_cfg, T)
+        flops += 2 * layer_matmul_params(student_cfg) + attention_flops(student_cfg, T)
+    if ac == "layer":
+        flops += 2 * layer_matmul_params(teacher_cfg) + attention_flops(teacher_cfg, T)
+        flops += generate * layer_matmul_params(teacher_cfg) / matmul_params(teacher_cfg)
     ring = (world_size - 1) / world_size
-    n_train = sum(7 * teacher_cfg.hidden_size * d_s + 2 * d_s for _ in range(teacher_cfg.num_hidden_layers))
-    n_train += (1 if cfg["tie_proj"] else 2) * teacher_cfg.hidden_size * d_s + d_s
+    layers = teacher_cfg.num_hidden_layers * (7 * d * d_s + 2 * d_s)   # the projections and norms of the layers
+    root = (1 if cfg["tie_proj"] else 2) * d * d_s + d_s
     if parallel == "ddp":
-        return flops, 2 * 4 * n_train * ring
+        return flops, 2 * 4 * (layers + root) * ring
     reduces = grad_accum if cfg["fsdp_grad_sync"] == "micro_step" else 1
-    comm = grad_accum * 2 * 2 * n_train * ring + reduces * 4 * n_train * ring
+    comm = grad_accum * 2 * (2 * layers + root) * ring + reduces * 4 * (layers + root) * ring
     if shard_teacher:
-        comm += grad_accum * 2 * 2 * (matmul_params(teacher_cfg) + teacher_cfg.vocab_size * teacher_cfg.hidden_size) * ring
+        teacher_root = teacher_cfg.vocab_size * d * (1 if teacher_cfg.tie_word_embeddings else 2)
+        comm += grad_accum * 2 * (2 * layer_matmul_params(teacher_cfg) + teacher_root) * ring
     return flops, comm
 
 
@@ -893,7 +920,7 @@ def plan(cfg, world_size, round_to=512, settings=SETTINGS, micro_batches=PLAN_MI
     dtype = torch.float32 if cfg["dtype"] == "fp32" else torch.bfloat16
     rows = []
     for parallel, shard_teacher in settings:
-        for ac in (False, True):
+        for ac in CHECKPOINTING:
             for mbs in micro_batches:
                 try:
                     grad_accum, _ = train.schedule_length(dict(cfg, micro_batch_size=mbs), world_size)
@@ -906,7 +933,7 @@ def plan(cfg, world_size, round_to=512, settings=SETTINGS, micro_batches=PLAN_MI
                                          grad_accum or 1)
                 rows.append(dict(parallel=parallel, shard_teacher=shard_teacher, ac=ac, mbs=mbs, grad_accum=grad_accum,
                                  peak=peak, parts=parts, flops=flops, comm=comm, seconds=time.perf_counter() - t0))
-                log(f"  simulated {setting_name(rows[-1]):<20} ac={'on ' if ac else 'off'} mbs={mbs}: "
+                log(f"  simulated {setting_name(rows[-1]):<20} ac={AC_NAMES[ac]:<7} mbs={mbs}: "
                     f"{peak / 2**30:.2f} GiB ({rows[-1]['seconds']:.1f} s)")
     return teacher_cfg, rows
 
@@ -925,7 +952,7 @@ def recommend(rows, gpu_bytes, headroom):
 def plan_command(row, world_size, config_files, overrides):
     """The torchrun command of a row (one node up to 8 ranks, else nodes of 8)."""
     keys = [f"--parallel={row['parallel']}"] + (["--shard_teacher=True"] if row["shard_teacher"] else [])
-    keys += (["--activation_checkpointing=True"] if row["ac"] else []) + [f"--micro_batch_size={row['mbs']}"]
+    keys += ([f"--activation_checkpointing={row['ac']}"] if row["ac"] else []) + [f"--micro_batch_size={row['mbs']}"]
     keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
               f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
@@ -941,23 +968,27 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
           f"-> student_hidden {cfg['student_hidden']}; seq_len {cfg['seq_len']}, tokens_per_step "
           f"{cfg['tokens_per_step']:,}, {world_size} ranks x {gpu_gib:g} GiB ({100 * headroom:g}% headroom: "
           f"fits <= {budget / gib:.1f} GiB)")
-    print(f"{'parallel':<22}{'AC':<5}{'mbs':>4}{'accum':>6}{'teacher':>9}{'trainable':>10}{'generated':>10}"
+    print(f"{'parallel':<22}{'AC':<8}{'mbs':>4}{'accum':>6}{'teacher':>9}{'trainable':>10}{'generated':>10}"
           f"{'activ.':>9}{'peak GiB':>10}{'fits':>6}{'GFLOP/tok':>11}{'comm GB/step':>13}")
     for r in rows:
         fits = "n/a" if not r["grad_accum"] else ("yes" if r["peak"] <= budget else "no")
-        print(f"{setting_name(r):<22}{'on' if r['ac'] else 'off':<5}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
+        print(f"{setting_name(r):<22}{AC_NAMES[r['ac']]:<8}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
               + "".join(f"{r['parts'][c] / gib:>{w}.2f}" for c, w in zip(COLUMNS, (9, 10, 10, 9)))
               + f"{r['peak'] / gib:>10.2f}{fits:>6}{r['flops'] / 1e9:>11.1f}{r['comm'] / 1e9:>13.1f}")
-    print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that moment), "
-          "trainable state (projections and norms, their gradients and AdamW moments, gathered copies), generated "
-          "student weights, activations and every other transient; accum = micro-steps per step ('-': "
-          "tokens_per_step does not divide, n/a)")
+    print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that "
+          "moment), trainable state (projections and norms, their gradients and AdamW moments, gathered copies), "
+          "generated student weights, activations and every other transient; AC = activation_checkpointing (student: "
+          "True, layer: 'layer'); accum = micro-steps per step ('-': tokens_per_step does not divide, n/a)")
     best = recommend(rows, gpu_gib * gib, headroom)
     if best is None:
-        print(f"nothing fits {gpu_gib:g} GiB with {100 * headroom:g}% headroom: use more ranks (--world_size) or a "
-              f"smaller seq_len")
+        low = min(rows, key=lambda r: r["peak"])
+        fixed = (low["parts"]["generated"] + low["parts"]["activations"]) / gib
+        print(f"nothing fits {gpu_gib:g} GiB with {100 * headroom:g}% headroom; the smallest peak is "
+              f"{low['peak'] / gib:.1f} GiB ({setting_name(low)}, AC {AC_NAMES[low['ac']]}, mbs {low['mbs']}), of which "
+              f"{fixed:.1f} GiB (generated weights and activations) do not shrink with more ranks: a larger GPU "
+              f"(--gpu_mem_gib) or a shorter seq_len")
         return None
-    print(f"fastest that fits: {setting_name(best)}, activation checkpointing {'on' if best['ac'] else 'off'}, "
+    print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
           f"micro_batch_size {best['mbs']} ({best['peak'] / gib:.1f} GiB):")
     print("  " + plan_command(best, world_size, config_files, overrides))
     return best

@@ -12,7 +12,9 @@ eval_tiny.py and the experiments read it.
                                states and how the data was read
 
 A checkpoint is written to a temporary directory and renamed into place (lrc.atomic_directory): a kill
-during a save leaves the previous checkpoint intact. Nothing is pickled.
+during a save leaves the previous checkpoint intact. Nothing is pickled. A run sharded by FSDP2
+(parallel=fsdp) writes the same files: gather() collects full tensors on rank 0 with
+torch.distributed.checkpoint.state_dict, and restore() hands them back to any world size or parallel mode.
 """
 import base64
 import glob
@@ -27,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lrc
+from distributed import is_sharded
 from lrc import LRCError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
@@ -93,12 +96,12 @@ def optimizer_tensors(optimizer, param_names):
     return tensors
 
 
-def gather(model, optimizer, model_state, master, sharded=False):
+def gather(model, optimizer, model_state, master):
     """(model tensors, optimizer tensors) of a checkpoint, full-sized on the master (empty elsewhere): every
     rank calls it. model_state is {checkpoint name: parameter}. An FSDP2-sharded model's parameters and AdamW
     state are gathered with torch.distributed.checkpoint.state_dict (full_state_dict: a collective, CPU copies
     on rank 0 only), under the same names, so the files are the same whatever the world size or parallel mode."""
-    if not sharded:
+    if not is_sharded(model):
         if not master:
             return {}, {}
         return model_state, optimizer_tensors(optimizer, {p: n for n, p in model_state.items()})
@@ -111,8 +114,9 @@ def gather(model, optimizer, model_state, master, sharded=False):
     missing = sorted(set(model_state) - set(weights))
     assert not missing, missing[:3]
     # only the trainable tensors: a tied teacher's head can come through as a second name of its embedding
-    return {name: weights[name] for name in model_state}, {f"{key}.{name}": value.detach().float().contiguous() for name, fields in state.items()
-                     for key, value in fields.items() if torch.is_tensor(value)}
+    optimizer_state = {f"{key}.{name}": value.detach().float().contiguous() for name, fields in state.items()
+                       for key, value in fields.items() if torch.is_tensor(value)}
+    return {name: weights[name] for name in model_state}, optimizer_state
 
 
 def save_checkpoint(out_dir, step, model_state, optimizer_state, state, keep_last):
@@ -205,12 +209,13 @@ def restore(path, state, weights, optimizer_tensors, model_state, optimizer, par
     weights into model_state's tensors, the AdamW state into optimizer (whose parameters are params, in
     order) and the RNG states. A `model` sharded by FSDP2 gets them through torch.distributed.checkpoint's
     set_*_state_dict from the full tensors (every rank read the same files; each keeps its shard), so any
-    world size and either parallel mode resumes any checkpoint. Returns (step, tokens seen)."""
+    world size and either parallel mode resumes any checkpoint (model=None: not sharded). Returns (step, tokens
+    seen)."""
     missing = sorted(set(model_state) - set(weights))
     if missing:
         raise LRCError(f"cannot resume {path}: it lacks {missing[0]!r}; it was not written by this train.py")
     names = {p: n for n, p in model_state.items()}  # the tied head is saved under its embedding's name
-    if model is not None:
+    if model is not None and is_sharded(model):
         _restore_sharded(model, optimizer, {n: weights[n] for n in model_state}, optimizer_tensors,
                          [names[p] for p in params])
     else:

@@ -135,11 +135,21 @@ def shard(model, mesh, shard_teacher, compute_dtype, device):
 
 
 def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_teacher=False,
-         compute_dtype=torch.float32, mesh=None):
+         compute_dtype=torch.float32, mesh=None, whole_layers=False):
     """(the module the loop calls, the DDP wrapper or None). DDP covers the trainable parameters only: the
     frozen teacher is neither broadcast nor bucketed; torch.compile goes around DDP, as PyTorch advises.
     FSDP2 shards in place (shard()); torch.compile then compiles each LRC layer in place, as torchtitan
-    does with FSDP2, so that FSDP2's hooks stay outside the compiled graphs."""
+    does with FSDP2, so that FSDP2's hooks stay outside the compiled graphs.
+
+    whole_layers (activation_checkpointing='layer'): PyTorch's module checkpoint (torch.distributed._composable,
+    in place, names unchanged, made to compose with fully_shard) on each LRC layer: backward recomputes the
+    whole LRCLayer.forward (the generated weights, the teacher layer, the student layer and its clone loss),
+    so a layer keeps only its inputs between forward and backward. LRC(checkpoint_layers=True) instead
+    recomputes the student layer only and keeps the generated weights and the teacher's activations."""
+    if whole_layers:
+        from torch.distributed._composable import checkpoint
+        for layer in model.layers:
+            checkpoint(layer)
     if parallel == "fsdp":
         shard(model, mesh or device_mesh(processes.device.type, processes.world_size), shard_teacher, compute_dtype,
               processes.device)

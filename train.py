@@ -92,7 +92,7 @@ DEFAULTS = dict(
     device="auto",                # 'auto' = cuda:LOCAL_RANK if available, else cpu
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
-    activation_checkpointing=False,  # lrc only: recompute each student layer in backward (less memory, ~1 more forward)
+    activation_checkpointing=False,  # lrc only: True: recompute each student layer in backward; 'layer': each layer whole
     parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards projections, grads, AdamW
     shard_teacher=False,          # fsdp only: also shard the frozen teacher, each layer gathered while it is used
     fsdp_grad_sync="micro_step",  # fsdp: reduce-scatter every micro-step (sharded grads) or once per 'step'
@@ -112,10 +112,11 @@ KEYS = Keys(
     DEFAULTS,
     # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
     optional={"teacher": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
-              "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
+              "wandb_project": str, "wandb_run_name": str, "compile": (bool, str),
+              "activation_checkpointing": (bool, str)},
     choices={"method": ("lrc", "kd", "scratch"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
-             "compile": ("auto", True, False), "parallel": distributed.PARALLEL,
-             "fsdp_grad_sync": distributed.GRAD_SYNC},
+             "compile": ("auto", True, False), "activation_checkpointing": (False, True, "layer"),
+             "parallel": distributed.PARALLEL, "fsdp_grad_sync": distributed.GRAD_SYNC},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
 
@@ -279,7 +280,7 @@ def build_model(cfg, teacher_dir, student_config, run):
     teacher = lrc.load_qwen2(teacher_dir, where, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
-                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"])
+                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"] is True)
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
@@ -303,8 +304,6 @@ class Job:
     tokens_seen: int = 0
     saved: Optional[str] = None   # the latest checkpoint written or resumed from
     t_start: float = field(default_factory=time.time)
-
-    sharded = property(lambda self: distributed.is_sharded(self.model))
 
     def checkpoint_state(self, step):
         """state.json of a checkpoint at `step` (format in checkpoint.py)."""
@@ -350,7 +349,7 @@ def build(cfg, run):
     model = build_model(cfg, teacher_dir, student_config, run)
     # wrapped before the optimizer is made: FSDP2 replaces the parameters by their shards
     train_model, ddp = distributed.wrap(model, run.procs, run.use_compile, cfg["parallel"], cfg["shard_teacher"],
-                                        run.compute_dtype)
+                                        run.compute_dtype, whole_layers=cfg["activation_checkpointing"] == "layer")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
@@ -358,7 +357,7 @@ def build(cfg, run):
               teacher, toy_paths)
     if resume_from is not None:
         job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
-                                                       run.device, model if job.sharded else None)
+                                                       run.device, model)
         job.saved = existing
         run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
     if run.master:
@@ -469,7 +468,7 @@ def check_finite(job, acc):
 def save(job, acc):
     check_finite(job, acc)
     run = job.run
-    weights, optimizer = checkpoint.gather(job.model, job.optimizer, job.model_state, run.master, job.sharded)
+    weights, optimizer = checkpoint.gather(job.model, job.optimizer, job.model_state, run.master)
     if run.master:
         job.saved = checkpoint.save_checkpoint(run.cfg["out_dir"], job.step, weights, optimizer,
                                                job.checkpoint_state(job.step), run.cfg["keep_last"])

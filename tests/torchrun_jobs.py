@@ -3,8 +3,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_jobs.py JOBS.json
 
-JOBS.json: a list of train.py config dicts. The process group is made once, here, and every job uses it
-(distributed.init joins an existing group and then leaves it to its creator)."""
+JOBS.json: a list of train.py config dicts, or of {"real_peak": {...}}: bench.real_cpu_peak of this rank
+(the keyword arguments below), written by rank 0 to the given "out" file. The process group is made once,
+here, and every job uses it (distributed.init joins an existing group and then leaves it to its creator)."""
 import json
 import os
 import sys
@@ -14,7 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import bench  # noqa: E402
+import lrc  # noqa: E402
 import train  # noqa: E402
+
+
+def real_peak(job):
+    peak = bench.real_cpu_peak(lrc.Qwen2Config.from_dict(job["teacher_config"]), job["cfg"], "fsdp", job["ac"],
+                               job["mbs"], job["micro_steps"], job["shard_teacher"])
+    if dist.get_rank() == 0:
+        with open(job["out"], "w") as f:
+            json.dump(peak, f)
 
 
 def main(path):
@@ -23,8 +34,11 @@ def main(path):
         jobs = json.load(f)
     dist.init_process_group("gloo")
     try:
-        for cfg in jobs:
-            train.train(cfg)
+        for job in jobs:
+            if "real_peak" in job:
+                real_peak(job["real_peak"])
+            else:
+                train.train(job)
     finally:
         dist.destroy_process_group()
 
