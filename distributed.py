@@ -139,7 +139,7 @@ def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_t
     """(the module the loop calls, the DDP wrapper or None). DDP covers the trainable parameters only: the
     frozen teacher is neither broadcast nor bucketed; torch.compile goes around DDP, as PyTorch advises.
     FSDP2 shards in place (shard()); torch.compile then compiles each LRC layer in place, as torchtitan
-    does with FSDP2, so that FSDP2's hooks stay outside the compiled graphs.
+    does with FSDP2 (and so does whole_layers, under DDP too), so that hooks stay outside the graphs.
 
     whole_layers (activation_checkpointing='layer'): PyTorch's module checkpoint (torch.distributed._composable,
     in place, names unchanged, made to compose with fully_shard) on each LRC layer: backward recomputes the
@@ -153,9 +153,13 @@ def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_t
     if parallel == "fsdp":
         shard(model, mesh or device_mesh(processes.device.type, processes.world_size), shard_teacher, compute_dtype,
               processes.device)
-        if use_compile:
-            for layer in model.layers:
-                layer.compile(**COMPILE_OPTIONS)
+    if use_compile and (parallel == "fsdp" or whole_layers):
+        # each layer in place: FSDP2's hooks, and the module checkpoint's recomputation (which under one
+        # whole-model graph would pick another graph than the forward's), stay outside the compiled graphs
+        for layer in model.layers:
+            layer.compile(**COMPILE_OPTIONS)
+        use_compile = False
+    if parallel == "fsdp":
         return model, None
     train_model, ddp = model, None
     if processes.world_size > 1:

@@ -107,9 +107,10 @@ def test_fsdp_in_one_process_is_the_plain_computation(world, tmp_path):
 
 
 def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
-    """torch.compile under FSDP2 compiles each LRC layer in place. Dynamo's graph capture with FSDP2's hooks is
-    what can fail; Inductor's code generation is the same as without FSDP and takes a minute on this CPU, so the
-    test compiles with aot_eager (same graphs, no code generation)."""
+    """torch.compile under FSDP2 compiles each LRC layer in place, also with whole-layer checkpointing and the
+    teacher sharded. Dynamo's graph capture with FSDP2's hooks is what can fail; Inductor's code generation is
+    the same as without FSDP and takes a minute on this CPU, so the test compiles with aot_eager (same graphs,
+    no code generation)."""
     torch._dynamo.reset()
     monkeypatch.setitem(distributed.COMPILE_OPTIONS, "backend", "aot_eager")
     teacher = make_teacher(str(tmp_path / "teacher"), layers=1)
@@ -117,6 +118,11 @@ def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
     eager = train.train(config(world, tmp_path / "eager", **cfg))
     compiled = train.train(config(world, tmp_path / "compiled", parallel="fsdp", compile=True, **cfg))
     assert max_diff(eager["checkpoint"], compiled["checkpoint"]) < 1e-6
+    both = train.train(config(world, tmp_path / "both", parallel="fsdp", shard_teacher=True, compile=True,
+                              activation_checkpointing="layer", **cfg))
+    layer = train.train(config(world, tmp_path / "layer", compile=True, activation_checkpointing="layer", **cfg))
+    for run in (both, layer):
+        assert max_diff(eager["checkpoint"], run["checkpoint"]) < 1e-6
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
     torch._dynamo.reset()
 
