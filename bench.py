@@ -943,10 +943,13 @@ def setting_name(row):
 
 
 def recommend(rows, gpu_bytes, headroom):
-    """The fastest row that fits with headroom: fewest FLOPs per token, then fewest bytes communicated."""
+    """The fastest row that fits with headroom: the fewest FLOPs per token (to 3 significant digits: equal work
+    is a tie), then the simplest parallel mode (DDP's one all-reduce per step overlaps the backward; FSDP2 adds
+    all-gathers that the forward waits for, and shard_teacher gathers the teacher too), then the fewest bytes."""
     fitting = [r for r in rows if r["grad_accum"] and r["peak"] <= (1 - headroom) * gpu_bytes]
-    # FLOPs compared to 3 significant digits: equal work is a tie, broken by the bytes communicated
-    return min(fitting, key=lambda r: (float(f"{r['flops']:.3g}"), r["comm"], r["shard_teacher"])) if fitting else None
+    order = {setting: i for i, setting in enumerate(SETTINGS)}
+    return min(fitting, key=lambda r: (float(f"{r['flops']:.3g}"), order[(r["parallel"], r["shard_teacher"])],
+                                       r["comm"])) if fitting else None
 
 
 def plan_command(row, world_size, config_files, overrides):
