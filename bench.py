@@ -18,6 +18,13 @@ and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on 
   python bench.py --shape=mid --checkpoint=True       # also (c) with activation checkpointing
   python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048
   python bench.py --shape=mid --hidden_size=768 ...   # a shape's dims can be overridden one by one
+  python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80   # memory planner: what fits
+
+The memory planner (--plan CONFIG [--key=value ...]: train.py's config and keys, plus --world_size,
+--gpu_mem_gib, --headroom, --teacher_config=FILE, --plan_micro_batch_sizes) estimates the peak memory per
+rank of one training step for DDP, FSDP2 and FSDP2 with the teacher sharded, with and without activation
+checkpointing, at micro-batches of 1, 2, 4 and 8, by running the step under FakeTensorMode; see
+docs/scaling.md and the section "The memory planner" below.
 
 MFU counts model FLOPs only, per token: 2 x teacher params + 6 x student params + attention, where
 "params" are those that take part in a matmul (the layers and the LM head; an embedding lookup is
@@ -33,10 +40,12 @@ sum of the CPU allocator's allocations and frees recorded by torch.profiler(prof
 """
 import contextlib
 import gc
+import math
 import os
 import statistics
 import sys
 import time
+import weakref
 
 # Large CPU temporaries (a [tokens, vocab] float32 block is tens of MB) are mmap'd by glibc and
 # page-faulted afresh every step, which can triple the cost of an elementwise pass. Raising the
@@ -49,8 +58,14 @@ if __name__ == "__main__" and os.environ.get("LRC_BENCH_MALLOC", "1") == "1" \
 
 import torch
 import torch.nn.functional as F
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
+import distributed
 import lrc
+import train
 from configurator import Keys, run_main
 
 # -----------------------------------------------------------------------------
@@ -442,7 +457,7 @@ def build_teacher(config, dev, wdtype):
     torch.set_default_dtype(wdtype)
     try:
         with torch.device(dev):
-            teacher = lrc.Qwen2(teacher_cfg)
+            teacher = lrc.CausalLM(teacher_cfg)
     finally:
         torch.set_default_dtype(default_dtype)
     teacher.requires_grad_(False).eval()
@@ -529,9 +544,502 @@ def report(done, dev, tokens_per_step, flops_c):
           "(c, d); reference LRC-1.7B: ~8.7k tokens/s per H800")
 
 
+# -----------------------------------------------------------------------------
+# The memory planner: python bench.py --plan CONFIG [--key=value ...] --world_size=N --gpu_mem_gib=80
+#
+# For each setting it runs one real training step of lrc.LRC as train.py runs it (forward, backward,
+# clipping, AdamW; wrapped by distributed.wrap exactly as train.py wraps it) under FakeTensorMode, where
+# tensors have shapes and no memory, and replays the bytes of every tensor storage that op produced,
+# freed and resized. World size N is a fake process group on rank 0 (torch.testing's FakeStore, as
+# torchtitan's memory estimation does): collectives do nothing, but every buffer FSDP2 allocates for them is
+# counted. It runs on the CPU device with bf16 weights and autocast, as the GPU run would (CUDA itself cannot
+# be faked on a CPU-only build); storages are rounded up to the CUDA caching allocator's 512-byte blocks, which
+# is what torch.cuda.max_memory_allocated counts. Not counted: the CUDA context and NCCL buffers (~1-2 GB),
+# allocator fragmentation, kernels' private workspaces (what the 10% headroom is for); torch.compile is not
+# simulated (eager; compiling usually lowers activation memory).
+
+# Teachers whose config.json is known without the hub (the fields lrc reads), from the files published at
+# https://huggingface.co/<id>/blob/main/config.json (3B and 7B are also bench.SHAPES). 32B: checked against a
+# verbatim copy of its config.json; 14B: against its model card (48 layers,
+# 40 query / 8 kv heads, 14.7B parameters: these numbers give 14,770,033,664) and copies of hidden 5120,
+# intermediate 13824, vocabulary 152064. Untied, rms_norm_eps 1e-6, rope_theta 1e6, 32768 positions in both.
+_QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+               use_sliding_window=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
+KNOWN_TEACHERS = {
+    "Qwen/Qwen2.5-3B-Instruct": dict(_QWEN25, vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                     num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                     tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                     tie_word_embeddings=False),
+    "Qwen/Qwen2.5-14B-Instruct": dict(_QWEN25, vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                                      num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                                      tie_word_embeddings=False),
+    "Qwen/Qwen2.5-32B-Instruct": dict(_QWEN25, vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                                      num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                                      tie_word_embeddings=False),
+    # the LRC-1.5B teacher (config/lrc_1.5b.py): llama3 rope scaling, explicit head_dim, tied
+    "meta-llama/Llama-3.2-3B-Instruct": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
+                                             intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                                             num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                                             rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                                             rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0,
+                                                               original_max_position_embeddings=8192),
+                                             torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
+}
+PLAN_KEYS = dict(plan=False, world_size=8, gpu_mem_gib=80.0, teacher_config="", headroom=0.1,
+                 plan_micro_batch_sizes="1,2,4,8")
+SETTINGS = [("ddp", False), ("fsdp", False), ("fsdp", True)]   # parallel, shard_teacher
+CHECKPOINTING = (False, True, "layer")                         # activation_checkpointing: off, student, layer
+AC_NAMES = {False: "off", True: "student", "layer": "layer"}
+PLAN_MICRO_BATCHES = (1, 2, 4, 8)
+COLUMNS = ("teacher", "trainable", "generated", "activations")
+
+
+def plan_teacher_config(cfg) -> lrc.ModelConfig:
+    """--teacher_config (a config.json, or a name in KNOWN_TEACHERS), else the preset's teacher: a local
+    checkpoint directory, a known hub id, or config.json alone fetched from the hub (never weights)."""
+    ref = cfg["teacher_config"] or cfg["teacher"]
+    if ref in KNOWN_TEACHERS:
+        return lrc.ModelConfig.from_dict(KNOWN_TEACHERS[ref])
+    if cfg["teacher_config"] and os.path.isfile(ref):
+        import json
+        with open(ref) as f:
+            return lrc.ModelConfig.from_dict(json.load(f))
+    if os.path.isdir(ref):
+        return lrc.ModelConfig.from_pretrained(ref)
+    if ref == "toy" or cfg["teacher_config"] or ref.count("/") != 1:
+        raise lrc.LRCError(f"cannot read the teacher's config.json from {ref!r}: pass --teacher_config=FILE (a "
+                           f"config.json) or one of {', '.join(KNOWN_TEACHERS)}")
+    try:
+        import huggingface_hub
+        return lrc.ModelConfig.from_pretrained(os.path.dirname(huggingface_hub.hf_hub_download(ref, "config.json")))
+    except Exception as e:
+        raise lrc.LRCError(f"could not fetch config.json of {ref!r} from the hub ({type(e).__name__}): pass "
+                           f"--teacher_config=FILE, a local teacher directory, or one of {', '.join(KNOWN_TEACHERS)}") \
+            from None
+
+
+class LiveStorages(TorchDispatchMode):
+    """Every tensor storage that an op returns, with its bytes, until it is freed (a weak reference) or resized
+    (FSDP2 frees and refills its gathered parameters with UntypedStorage.resize_). Storages are labelled by
+    what holds them (label()) or, failing that, by the code that made them (context); the timeline is
+    replayed at the end, so a label given late (an optimizer state made in step 1) counts from the start."""
+
+    def __init__(self, round_to=512):
+        super().__init__()
+        self.round_to, self.keys, self.size, self.refs = round_to, WeakIdKeyDictionary(), {}, {}
+        self.events, self.labels, self.made_in, self.context, self.marks = [], {}, {}, None, []
+
+    def _bytes(self, nbytes):
+        return -(-nbytes // self.round_to) * self.round_to
+
+    def _key(self, storage):
+        """The storage's number, registering a new one; an existing one's size is re-read (aten.resize_)."""
+        key = self.keys.get(storage)
+        if key is None:
+            key = self.keys[storage] = len(self.made_in) + 1
+            self.size[key] = 0
+            self.made_in[key] = self.context
+            self.refs[key] = weakref.ref(storage, lambda _, k=key: self._resize(k, 0))
+        self._resize(key, storage.nbytes())
+        return key
+
+    def _resize(self, key, nbytes):
+        new = self._bytes(nbytes) if nbytes else 0
+        if key in self.size and new != self.size[key]:
+            self.events.append((key, new - self.size[key]))
+            self.size[key] = new
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                for storage in get_untyped_storages(t):
+                    self._key(storage)
+        return out
+
+    def __enter__(self):
+        tracker, resize = self, torch.UntypedStorage.resize_
+
+        def tracked_resize(storage, nbytes):
+            out = resize(storage, nbytes)
+            tracker._resize(tracker._key(storage), nbytes)
+            return out
+        self._resize_impl, torch.UntypedStorage.resize_ = resize, tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize_impl
+        return super().__exit__(*exc)
+
+    def label(self, tensors, label):
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                for storage in get_untyped_storages(t):
+                    self.labels[self._key(storage)] = label
+
+    @contextlib.contextmanager
+    def making(self, label):
+        outer, self.context = self.context, label
+        try:
+            yield
+        finally:
+            self.context = outer
+
+    def mark(self):
+        self.marks.append(len(self.events))
+
+    def peak(self, start, end):
+        """(peak bytes, {label: bytes at the peak}) over events[start:end], everything live counted."""
+        current = dict.fromkeys(COLUMNS, 0)
+        best = None
+        for i, (key, delta) in enumerate(self.events[:end]):
+            current[self.labels.get(key) or self.made_in[key] or "activations"] += delta
+            if i >= start and (best is None or sum(current.values()) > sum(best.values())):
+                best = dict(current)
+        return sum(best.values()), best
+
+
+def _label_gathered(tracker, model):
+    """FSDP2's gathered (unsharded) parameters, seen right after FSDP's own pre-forward hook has gathered them
+    (its hooks run first): the teacher's as teacher, the projections' as trainable state."""
+    def label_args(module, args):
+        for m in [module] + [a for a in args if isinstance(a, torch.nn.Module)]:
+            tracker.label([p for p in m.parameters() if p.requires_grad], "trainable")
+            tracker.label([p for p in m.parameters() if not p.requires_grad], "teacher")
+    return [m.register_forward_pre_hook(label_args) for m in [model, *model.layers]]
+
+
+def _label_fsdp_grads(tracker, model):
+    """Unsharded gradients FSDP2 keeps between micro-steps (fsdp_grad_sync='step'): its private state, read
+    as torch.distributed._tools.FSDPMemTracker reads it."""
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        for group in (state()._fsdp_param_groups if state is not None else []):
+            for fp in group.fsdp_params:
+                tracker.label([getattr(fp, "unsharded_accumulated_grad", None),
+                               getattr(getattr(fp, "_unsharded_param", None), "grad", None)], "trainable")
+
+
+def _emulate_ddp_buckets(params):
+    """What DDP's C++ reducer (which cannot run on fake tensors) holds: one float32 bucket the size of all
+    gradients, for the whole run; each gradient is copied into its view, which becomes p.grad
+    (gradient_as_bucket_view=True, as distributed.wrap asks)."""
+    bucket = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
+    views, start = {}, 0
+    for p in params:
+        views[p] = bucket[start:start + p.numel()].view_as(p)
+        start += p.numel()
+
+    def into_bucket(p):
+        if p.grad is not views[p]:
+            views[p].copy_(p.grad)
+            p.grad = views[p]
+    for p in params:
+        p.register_post_accumulate_grad_hook(into_bucket)
+    return bucket
+
+
+def plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, dtype, mesh=None):
+    """The step's state as train.py builds it: a random teacher in `dtype`, lrc.LRC over it (float32
+    projections), the wrapper of distributed.wrap (DDP emulated above world size 1), AdamW, one batch."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        teacher = lrc.CausalLM(teacher_cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
+                    init_std=cfg["init_std"], checkpoint_layers=ac is True, clone_attn_out=cfg["clone_attn_out"],
+                    clone_terms=cfg["clone_terms"])
+    # DDP itself is left out (its reducer reads real memory) and emulated by _emulate_ddp_buckets
+    procs = distributed.Processes(0, 0, world_size if parallel == "fsdp" else 1, torch.device("cpu"), False)
+    train_model, _ = distributed.wrap(model, procs, False, parallel, shard_teacher, dtype, mesh,
+                                      whole_layers=ac == "layer")
+    params = [p for p in model.parameters() if p.requires_grad]
+    bucket = _emulate_ddp_buckets(params) if parallel == "ddp" and world_size > 1 else None
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  weight_decay=cfg["weight_decay"])
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(teacher_cfg.vocab_size, (mbs, cfg["seq_len"]), generator=g) for _ in range(2))
+    return dict(model=model, train_model=train_model, params=params, optimizer=optimizer, batch=(x, y),
+                bucket=bucket, dtype=dtype)
+
+
+def plan_step(state, micro_steps, cfg, tracker=None):
+    """One optimizer step as train.train_loop runs it: micro-steps of forward and backward under autocast,
+    the global-norm clip, AdamW, zero_grad(set_to_none=True)."""
+    model, params, optimizer = state["model"], state["params"], state["optimizer"]
+    amp = torch.autocast("cpu", dtype=state["dtype"]) if state["dtype"] != torch.float32 else contextlib.nullcontext()
+    for micro in range(micro_steps):
+        with distributed.micro_step(model, None, micro == micro_steps - 1, cfg["fsdp_grad_sync"]):
+            with amp:
+                loss, _ = state["train_model"](*state["batch"])
+            (loss / micro_steps).backward()
+        del loss
+        if tracker is not None:
+            _label_fsdp_grads(tracker, model)
+    distributed.clip_grad_norm(params, cfg["grad_clip"] or math.inf)
+    if tracker is not None:
+        tracker.label([p.grad for p in params], "trainable")
+    optimizer.step()
+    if tracker is not None:
+        tracker.label([t for st in optimizer.state.values() for t in st.values()], "trainable")
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def fake_world(world_size):
+    """A fake process group of world_size ranks in this one process (this is rank 0); a real one in use is
+    left alone (the planner then refuses)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise lrc.LRCError("bench.py --plan runs alone: it makes its own fake process group (do not start it "
+                           "with torchrun)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def estimate(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, micro_steps, dtype, round_to=512):
+    """(peak bytes, {column: bytes}) of the second of two simulated steps (the first makes AdamW's state)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with fake_world(world_size):
+        mesh = distributed.device_mesh("cpu", world_size) if parallel == "fsdp" else None
+        tracker = LiveStorages(round_to)
+        with FakeTensorMode(), tracker, _labelled_generation(tracker):
+            state = plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, dtype, mesh)
+            model = state["model"]
+            tracker.label(model.teacher.parameters(), "teacher")
+            tracker.label([state["bucket"], *state["params"]], "trainable")
+            hooks = _label_gathered(tracker, model)
+            plan_step(state, micro_steps, cfg, tracker)
+            tracker.mark()
+            plan_step(state, micro_steps, cfg, tracker)
+            tracker.mark()
+            for h in hooks:
+                h.remove()
+            del state, model
+    return tracker.peak(*tracker.marks)
+
+
+@contextlib.contextmanager
+def _labelled_generation(tracker):
+    """Storages made while the student's weights are generated (LRCLayer.generate, LRC.student_head) count
+    as generated weights."""
+    saved = lrc.LRCLayer.generate, lrc.LRC.student_head
+
+    def generate(self, teacher):
+        with tracker.making("generated"):
+            return saved[0](self, teacher)
+
+    def student_head(self):
+        with tracker.making("generated"):
+            return saved[1](self)
+    lrc.LRCLayer.generate, lrc.LRC.student_head = generate, student_head
+    try:
+        yield
+    finally:
+        lrc.LRCLayer.generate, lrc.LRC.student_head = saved
+
+
+def real_cpu_peak(teacher_cfg, cfg, parallel, ac, mbs, micro_steps, shard_teacher=False):
+    """The same two steps for real on this CPU, float32: the most bytes the CPU allocator held during the
+    second step, counting everything allocated since the build began (torch.profiler memory events), to check
+    estimate() against. One process (parallel=fsdp on a one-rank gloo group), or this rank of the process
+    group torchrun made (parallel=fsdp only: DDP is emulated by the planner, not run)."""
+    import torch.distributed as dist
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    made = parallel == "fsdp" and not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    assert parallel == "fsdp" or world == 1, "DDP's peak is measured in one process"
+    try:
+        mesh = distributed.device_mesh("cpu", world) if parallel == "fsdp" else None
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            state = plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world, torch.float32, mesh)
+            plan_step(state, micro_steps, cfg)
+            with record_function("measured step"):
+                plan_step(state, micro_steps, cfg)
+            del state
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+    events = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    window = next(e for e in events if e.name == "measured step")
+    current = peak = 0
+    for t, size in sorted((e.start_time_ns, e.extra_fields.alloc_size) for e in events
+                          if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"):
+        current += size
+        if window.start_time_ns <= t <= window.end_time_ns:
+            peak = max(peak, current)
+    return peak
+
+
+def layer_matmul_params(c: lrc.Qwen2Config) -> int:
+    """matmul_params without the LM head: what one pass through the layers multiplies by."""
+    return matmul_params(c) - c.vocab_size * c.hidden_size
+
+
+def step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, grad_accum):
+    """(FLOPs per token, communication bytes per rank per optimizer step): arithmetic, to rank the settings that
+    fit. FLOPs: the model FLOPs of MFU (2 x teacher + 6 x student matmul parameters + attention), plus generating
+    the weights (W @ P forward and P's gradient backward, 4 * d_s FLOPs per teacher matmul parameter, once per
+    micro-step, so spread over mbs * seq_len tokens), plus what activation checkpointing recomputes: the student
+    layers (True), or whole layers (teacher layer, weight generation and student layer: 'layer'). Bytes: ring
+    collectives move (N-1)/N of the data; DDP all-reduces float32 gradients once per step; FSDP2 gathers the bf16
+    layers for forward and again for backward, the root once, and reduce-scatters float32 gradients every
+    micro-step (fsdp_grad_sync='micro_step') or once; shard_teacher gathers the teacher the same way."""
+    T, d, d_s = cfg["seq_len"], teacher_cfg.hidden_size, student_cfg.hidden_size
+    generate = 2 * d_s * matmul_params(teacher_cfg) / (mbs * T)      # one forward of W @ P per micro-step
+    flops = model_flops_per_token(teacher_cfg, student_cfg, T, "c") + 2 * generate
+    if ac:
+        flops += 2 * layer_matmul_params(student_cfg) + attention_flops(student_cfg, T)
+    if ac == "layer":
+        flops += 2 * layer_matmul_params(teacher_cfg) + attention_flops(teacher_cfg, T)
+        flops += generate * layer_matmul_params(teacher_cfg) / matmul_params(teacher_cfg)
+    ring = (world_size - 1) / world_size
+    layers = teacher_cfg.num_hidden_layers * (7 * d * d_s + 2 * d_s)   # the projections and norms of the layers
+    root = (1 if cfg["tie_proj"] else 2) * d * d_s + d_s
+    if parallel == "ddp":
+        return flops, 2 * 4 * (layers + root) * ring
+    reduces = grad_accum if cfg["fsdp_grad_sync"] == "micro_step" else 1
+    comm = grad_accum * 2 * (2 * layers + root) * ring + reduces * 4 * (layers + root) * ring
+    if shard_teacher:
+        teacher_root = teacher_cfg.vocab_size * d * (1 if teacher_cfg.tie_word_embeddings else 2)
+        comm += grad_accum * 2 * (2 * layer_matmul_params(teacher_cfg) + teacher_root) * ring
+    return flops, comm
+
+
+def plan(cfg, world_size, round_to=512, settings=SETTINGS, micro_batches=PLAN_MICRO_BATCHES, log=print):
+    """One row per setting: its estimate, whether the batch arithmetic allows it, and its costs."""
+    teacher_cfg = plan_teacher_config(cfg)
+    student_cfg = lrc.student_shape(teacher_cfg, cfg["student_hidden"], cfg["tie_proj"])
+    dtype = torch.float32 if cfg["dtype"] == "fp32" else torch.bfloat16
+    rows = []
+    for parallel, shard_teacher in settings:
+        for ac in CHECKPOINTING:
+            for mbs in micro_batches:
+                try:
+                    grad_accum, _ = train.schedule_length(dict(cfg, micro_batch_size=mbs), world_size)
+                except lrc.LRCError:
+                    grad_accum = None  # estimated anyway (memory depends on the micro-batch), never recommended
+                t0 = time.perf_counter()
+                peak, parts = estimate(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size,
+                                       min(grad_accum or 1, 2), dtype, round_to)
+                flops, comm = step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size,
+                                         grad_accum or 1)
+                rows.append(dict(parallel=parallel, shard_teacher=shard_teacher, ac=ac, mbs=mbs, grad_accum=grad_accum,
+                                 peak=peak, parts=parts, flops=flops, comm=comm, seconds=time.perf_counter() - t0))
+                log(f"  simulated {setting_name(rows[-1]):<20} ac={AC_NAMES[ac]:<7} mbs={mbs}: "
+                    f"{peak / 2**30:.2f} GiB ({rows[-1]['seconds']:.1f} s)")
+    return teacher_cfg, rows
+
+
+def setting_name(row):
+    return row["parallel"] + (" + shard_teacher" if row["shard_teacher"] else "")
+
+
+def recommend(rows, gpu_bytes, headroom):
+    """The fastest row that fits with headroom: the fewest FLOPs per token (to 3 significant digits: equal work
+    is a tie), then the simplest parallel mode (DDP's one all-reduce per step overlaps the backward; FSDP2 adds
+    all-gathers that the forward waits for, and shard_teacher gathers the teacher too), then the fewest bytes."""
+    fitting = [r for r in rows if r["grad_accum"] and r["peak"] <= (1 - headroom) * gpu_bytes]
+    order = {setting: i for i, setting in enumerate(SETTINGS)}
+    return min(fitting, key=lambda r: (float(f"{r['flops']:.3g}"), order[(r["parallel"], r["shard_teacher"])],
+                                       r["comm"])) if fitting else None
+
+
+def plan_command(row, world_size, config_files, overrides):
+    """The torchrun command of a row (one node up to 8 ranks, else nodes of 8)."""
+    keys = [f"--parallel={row['parallel']}"] + (["--shard_teacher=True"] if row["shard_teacher"] else [])
+    keys += ([f"--activation_checkpointing={row['ac']}"] if row["ac"] else []) + [f"--micro_batch_size={row['mbs']}"]
+    keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
+    launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
+              f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
+              f"--rdzv_endpoint=$MASTER_HOST:29500")
+    return " ".join([launch, "train.py", *config_files, *keys])
+
+
+def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_files, overrides):
+    gib = 2**30
+    budget = (1 - headroom) * gpu_gib * gib
+    print(f"teacher {cfg['teacher_config'] or cfg['teacher']}: L={teacher_cfg.num_hidden_layers} "
+          f"d={teacher_cfg.hidden_size} f={teacher_cfg.intermediate_size} V={teacher_cfg.vocab_size} "
+          f"-> student_hidden {cfg['student_hidden']}; seq_len {cfg['seq_len']}, tokens_per_step "
+          f"{cfg['tokens_per_step']:,}, {world_size} ranks x {gpu_gib:g} GiB ({100 * headroom:g}% headroom: "
+          f"fits <= {budget / gib:.1f} GiB)")
+    print(f"{'parallel':<22}{'AC':<8}{'mbs':>4}{'accum':>6}{'teacher':>9}{'trainable':>10}{'generated':>10}"
+          f"{'activ.':>9}{'peak GiB':>10}{'fits':>6}{'GFLOP/tok':>11}{'comm GB/step':>13}")
+    for r in rows:
+        fits = "n/a" if not r["grad_accum"] else ("yes" if r["peak"] <= budget else "no")
+        print(f"{setting_name(r):<22}{AC_NAMES[r['ac']]:<8}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
+              + "".join(f"{r['parts'][c] / gib:>{w}.2f}" for c, w in zip(COLUMNS, (9, 10, 10, 9)))
+              + f"{r['peak'] / gib:>10.2f}{fits:>6}{r['flops'] / 1e9:>11.1f}{r['comm'] / 1e9:>13.1f}")
+    print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that "
+          "moment), trainable state (projections and norms, their gradients and AdamW moments, gathered copies), "
+          "generated student weights, activations and every other transient; AC = activation_checkpointing (student: "
+          "True, layer: 'layer'); accum = micro-steps per step ('-': tokens_per_step does not divide, n/a)")
+    best = recommend(rows, gpu_gib * gib, headroom)
+    if best is None:
+        low = min(rows, key=lambda r: r["peak"])
+        fixed = (low["parts"]["generated"] + low["parts"]["activations"]) / gib
+        print(f"nothing fits {gpu_gib:g} GiB with {100 * headroom:g}% headroom; the smallest peak is "
+              f"{low['peak'] / gib:.1f} GiB ({setting_name(low)}, AC {AC_NAMES[low['ac']]}, mbs {low['mbs']}), of which "
+              f"{fixed:.1f} GiB (generated weights and activations) do not shrink with more ranks: a larger GPU "
+              f"(--gpu_mem_gib) or a shorter seq_len")
+        return None
+    print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
+          f"micro_batch_size {best['mbs']} ({best['peak'] / gib:.1f} GiB):")
+    print("  " + plan_command(best, world_size, config_files, overrides))
+    return best
+
+
+def plan_main(argv):
+    keys = Keys(dict(train.KEYS.defaults, **PLAN_KEYS), optional=train.KEYS.optional, choices=train.KEYS.choices,
+                exclusive=train.KEYS.exclusive, flags=("plan",), where_listed="DEFAULTS in train.py and PLAN_KEYS "
+                "in bench.py")
+    cfg = keys.parse(argv, doc=__doc__)
+    try:
+        micro_batches = tuple(int(m) for m in cfg["plan_micro_batch_sizes"].split(","))
+    except ValueError:
+        micro_batches = ()
+    if cfg["world_size"] < 1 or cfg["gpu_mem_gib"] <= 0 or not 0 <= cfg["headroom"] < 1 or not micro_batches \
+            or min(micro_batches) < 1:
+        raise lrc.LRCError("--world_size must be >= 1, --gpu_mem_gib > 0, 0 <= --headroom < 1 and "
+                           "--plan_micro_batch_sizes a list like 1,2,4,8")
+    if cfg["method"] != "lrc":
+        raise lrc.LRCError(f"bench.py --plan plans method=lrc runs; this config has method={cfg['method']}")
+    config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
+    overrides = [a for a in argv if a.startswith("--") and a != "--plan" and a.partition("=")[0][2:] not in
+                 PLAN_KEYS and a.partition("=")[0][2:] not in ("parallel", "shard_teacher", "activation_checkpointing",
+                                                              "micro_batch_size")]
+    print(f"torch {torch.__version__}: simulating one training step per setting under FakeTensorMode "
+          f"(world size {cfg['world_size']}, rank 0)")
+    teacher_cfg, rows = plan(cfg, cfg["world_size"], micro_batches=micro_batches)
+    best = print_plan(rows, teacher_cfg, cfg, cfg["world_size"], cfg["gpu_mem_gib"], cfg["headroom"], config_files,
+                      overrides)
+    return rows, best
+
+
 def main(argv=None):
-    config = Keys(_DEFAULTS, where_listed="the config block at the top of bench.py").parse(
-        sys.argv[1:] if argv is None else argv, doc=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plan" in argv:
+        plan_main(argv)
+        return None
+    config = Keys(_DEFAULTS, where_listed="the config block at the top of bench.py").parse(argv, doc=__doc__)
     globals().update(config)
     dev, wdtype, amp = pick_device()
     if threads:

@@ -13,7 +13,9 @@ eval_tiny.py and the experiments read it.
                                config, the full run config, RNG states and how the data was read
 
 A checkpoint is written to a temporary directory and renamed into place (lrc.atomic_directory): a kill
-during a save leaves the previous checkpoint intact. Nothing is pickled.
+during a save leaves the previous checkpoint intact. Nothing is pickled. A run sharded by FSDP2
+(parallel=fsdp) writes the same files: gather() collects full tensors on rank 0 with
+torch.distributed.checkpoint.state_dict, and restore() hands them back to any world size or parallel mode.
 """
 import base64
 import glob
@@ -28,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lrc
+from distributed import is_sharded
 from lrc import LRCError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
@@ -92,6 +95,29 @@ def optimizer_tensors(optimizer, param_names):
             if torch.is_tensor(value):
                 tensors[f"{key}.{name}"] = value.detach().float().contiguous().cpu()
     return tensors
+
+
+def gather(model, optimizer, model_state, master):
+    """(model tensors, optimizer tensors) of a checkpoint, full-sized on the master (empty elsewhere): every
+    rank calls it. model_state is {checkpoint name: parameter}. An FSDP2-sharded model's parameters and AdamW
+    state are gathered with torch.distributed.checkpoint.state_dict (full_state_dict: a collective, CPU copies
+    on rank 0 only), under the same names, so the files are the same whatever the world size or parallel mode."""
+    if not is_sharded(model):
+        if not master:
+            return {}, {}
+        return model_state, optimizer_tensors(optimizer, {p: n for n, p in model_state.items()})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)          # the frozen teacher is left out
+    state = get_optimizer_state_dict(model, optimizer, options=options).get("state", {})
+    if not master:
+        return {}, {}
+    missing = sorted(set(model_state) - set(weights))
+    assert not missing, missing[:3]
+    # only the trainable tensors: a tied teacher's head can come through as a second name of its embedding
+    optimizer_state = {f"{key}.{name}": value.detach().float().contiguous() for name, fields in state.items()
+                       for key, value in fields.items() if torch.is_tensor(value)}
+    return {name: weights[name] for name in model_state}, optimizer_state
 
 
 def save_checkpoint(out_dir, step, model_state, optimizer_state, state, keep_last):
@@ -179,20 +205,41 @@ def load_optimizer_state(optimizer, tensors, names):
     optimizer.load_state_dict(state_dict)
 
 
-def restore(path, state, weights, optimizer_tensors, model_state, optimizer, params, device):
+def restore(path, state, weights, optimizer_tensors, model_state, optimizer, params, device, model=None):
     """Continue from checkpoint `path` exactly (read_checkpoint's state, weights, optimizer tensors): copy the
     weights into model_state's tensors, the AdamW state into optimizer (whose parameters are params, in
-    order) and the RNG states. Returns (step, tokens seen)."""
+    order) and the RNG states. A `model` sharded by FSDP2 gets them through torch.distributed.checkpoint's
+    set_*_state_dict from the full tensors (every rank read the same files; each keeps its shard), so any
+    world size and either parallel mode resumes any checkpoint (model=None: not sharded). Returns (step, tokens
+    seen)."""
     missing = sorted(set(model_state) - set(weights))
     if missing:
         raise LRCError(f"cannot resume {path}: it lacks {missing[0]!r}; it was not written by this train.py")
-    with torch.no_grad():
-        for name, tensor in model_state.items():
-            tensor.copy_(weights[name])
     names = {p: n for n, p in model_state.items()}  # the tied head is saved under its embedding's name
-    load_optimizer_state(optimizer, optimizer_tensors, [names[p] for p in params])
+    if model is not None and is_sharded(model):
+        _restore_sharded(model, optimizer, {n: weights[n] for n in model_state}, optimizer_tensors,
+                         [names[p] for p in params])
+    else:
+        with torch.no_grad():
+            for name, tensor in model_state.items():
+                tensor.copy_(weights[name])
+        load_optimizer_state(optimizer, optimizer_tensors, [names[p] for p in params])
     restore_rng_state(state["rng"], device)
     return state["step"], state["tokens_seen"]
+
+
+def _restore_sharded(model, optimizer, weights, optimizer_tensors, names):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: the frozen teacher is not in it
+    set_model_state_dict(model, dict(weights), options=options)     # (a copy: it replaces the dict's values)
+    per_param = {}
+    for key, tensor in optimizer_tensors.items():
+        field, _, name = key.partition(".")
+        per_param.setdefault(name, {})[field] = tensor
+    groups = [dict({k: v for k, v in group.items() if k != "params"}, params=names)
+              for group in optimizer.state_dict()["param_groups"]]
+    assert len(groups) == 1, "one parameter group"
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups}, options=options)
 
 
 def check_resumable(state, path, now):

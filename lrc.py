@@ -328,6 +328,12 @@ class Block(nn.Module):
             gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
             q_norm=a.q_norm.weight if self.qk_norm else None, k_norm=a.k_norm.weight if self.qk_norm else None)
 
+    def forward(self, x, cos, sin, config, cache=None, layer_index=0):
+        """This layer (decoder_layer with this block's weights). LRCLayer runs the teacher stream through it, so
+        that a wrapper hooked on forward() (FSDP2, which gathers a unit around its modules' forwards) sees the
+        teacher block run."""
+        return decoder_layer(x, self.weights(), cos, sin, config, cache, layer_index)
+
 
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -561,6 +567,36 @@ class LRCLayer(nn.Module):
             loss = loss + F.mse_loss(student, teacher)
         return loss
 
+    def forward(self, block: "Block", x_t, x_s, cos, sin, config, with_teacher=True, checkpoint=False,
+                terms=CLONE_TERMS, clone_attn_out="student"):
+        """Layer i of both streams (spec section 4): generate the student weights from the teacher block's,
+        run the teacher layer (no grad), then the student layer and its clone loss over `terms`. Returns
+        (x_t, x_s, clone_i); clone_i is None without the teacher or without terms.
+
+        Organised for a wrapper that gathers parameters around forward() calls (FSDP2's fully_shard([block,
+        layer]) as one unit, distributed.py): everything layer i reads, the teacher block's weights and this
+        layer's projections, is read inside this forward(), and the teacher stream runs through the block's
+        own forward(), since FSDP2 completes a unit (frees it after forward, hooks its backward) only once
+        each of its modules has run."""
+        teacher_weights = block.weights()
+        # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
+        student_weights = self.generate(teacher_weights)
+        teacher_o = teacher_weights.o if clone_attn_out == "teacher" else None
+        act_t = None
+        if with_teacher:
+            with torch.no_grad():
+                x_t, act_t = block(x_t, cos, sin, config)
+            if not terms:
+                act_t = None  # nothing to compare: the teacher's activations need not be kept
+        args = (self, x_s, student_weights, act_t, cos, sin, config, terms, teacher_o)
+        if checkpoint and torch.is_grad_enabled():
+            # recomputes the student layer and its clone loss only: the teacher's activations are
+            # inputs (kept anyway for the clone loss), so the teacher never runs twice
+            x_s, clone_i = torch.utils.checkpoint.checkpoint(student_layer, *args, use_reentrant=False)
+        else:
+            x_s, clone_i = student_layer(*args)
+        return x_t, x_s, clone_i
+
 
 def student_layer(layer: LRCLayer, x_s, weights: LayerWeights, act_t: Optional[Activations], cos, sin, config,
                   terms=CLONE_TERMS, teacher_o=None):
@@ -621,24 +657,9 @@ class LRC(nn.Module):
         x_s = x_t @ self.P_emb.to(x_t.dtype)
         clone = torch.zeros((), device=idx.device)
         for block, layer in zip(teacher.model.layers, self.layers):
-            teacher_weights = block.weights()
-            # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
-            student_weights = layer.generate(teacher_weights)
-            teacher_o = teacher_weights.o if self.clone_attn_out == "teacher" else None
-            act_t = None
-            if with_teacher:
-                with torch.no_grad():
-                    x_t, act_t = decoder_layer(x_t, teacher_weights, cos, sin, c)
-                if not self.clone_terms:
-                    act_t = None  # nothing to compare: the teacher's activations need not be kept
-            args = (layer, x_s, student_weights, act_t, cos, sin, c, self.clone_terms, teacher_o)
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                # recomputes the student layer and its clone loss only: the teacher's activations are
-                # inputs (kept anyway for the clone loss), so the teacher never runs twice
-                x_s, layer_clone = torch.utils.checkpoint.checkpoint(student_layer, *args, use_reentrant=False)
-            else:
-                x_s, layer_clone = student_layer(*args)
-            if act_t is not None:
+            x_t, x_s, layer_clone = layer(block, x_t, x_s, cos, sin, c, with_teacher, self.checkpoint_layers,
+                                          self.clone_terms, self.clone_attn_out)
+            if layer_clone is not None:
                 clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
         h_t = teacher.model.norm(x_t) if with_teacher else None

@@ -98,7 +98,10 @@ DEFAULTS = dict(
     device="auto",                # 'auto' = cuda:LOCAL_RANK if available, else cpu
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
-    activation_checkpointing=False,  # lrc only: recompute each student layer in backward (less memory, ~1 more forward)
+    activation_checkpointing=False,  # lrc only: True: recompute each student layer in backward; 'layer': each layer whole
+    parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards projections, grads, AdamW
+    shard_teacher=False,          # fsdp only: also shard the frozen teacher, each layer gathered while it is used
+    fsdp_grad_sync="micro_step",  # fsdp: reduce-scatter every micro-step (sharded grads) or once per 'step'
     strict_tokenizer=False,       # data made with another tokenizer.json than the teacher's: False warns, True refuses
     wandb_project=None,           # log to Weights & Biases (only if wandb is installed)
     wandb_run_name=None,
@@ -114,11 +117,13 @@ DEFAULTS = dict(
 KEYS = Keys(
     DEFAULTS,
     # keys whose value may be None (or, for compile, 'auto' or a bool), with the type they hold otherwise
-    optional={"teacher": str, "data": (str, dict), "init_from": str, "max_steps": int, "max_tokens": float, "stop_step": int, "student_config": dict,
-              "wandb_project": str, "wandb_run_name": str, "compile": (bool, str)},
+    optional={"teacher": str, "data": (str, dict), "init_from": str, "max_steps": int, "max_tokens": float,
+              "stop_step": int, "student_config": dict, "wandb_project": str, "wandb_run_name": str,
+              "compile": (bool, str), "activation_checkpointing": (bool, str)},
     choices={"method": ("lrc", "kd", "scratch", "sft"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
-             "sampler": tuple(loader.SAMPLERS),
-             "compile": ("auto", True, False), "clone_attn_out": ("student", "teacher")},
+             "sampler": tuple(loader.SAMPLERS), "compile": ("auto", True, False),
+             "clone_attn_out": ("student", "teacher"), "activation_checkpointing": (False, True, "layer"),
+             "parallel": distributed.PARALLEL, "fsdp_grad_sync": distributed.GRAD_SYNC},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
 
@@ -189,7 +194,8 @@ def schedule_length(cfg, world_size):
 def setup(cfg, log_prefix=""):
     """The Run of this process: checks the batch arithmetic, then joins the process group under torchrun."""
     grad_accum, max_steps = schedule_length(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    procs = distributed.init(cfg["device"])
+    distributed.check_parallel(cfg["parallel"], cfg["shard_teacher"], cfg["method"])
+    procs = distributed.init(cfg["device"], cfg["parallel"])
     cuda = procs.device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -227,6 +233,7 @@ def build_toy_teacher(cfg, paths, teacher_dir, run_dir, log=print, log_prefix="[
     run_cfg = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
                    out_dir=run_dir, max_steps=recipe["steps"], max_tokens=None, stop_step=None, lr=recipe["lr"],
                    min_lr=0.0, resume=False, overwrite=True, save_interval=0, keep_last=1, wandb_project=None,
+                   parallel="ddp", shard_teacher=False,  # a tiny Qwen2: nothing to shard (fsdp is for method=lrc)
                    eval_interval=0, log_interval=max(cfg["log_interval"], recipe["steps"] // 8))
     summary = train(run_cfg, log_prefix=log_prefix)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -279,15 +286,17 @@ def student_config_of(cfg, teacher_config, init_dir=None):
 
 def build_model(cfg, teacher_dir, student_config, run, init_dir=None):
     """The module being trained. Its float32 parameters are the trainable ones; a bf16 teacher on GPU is
-    frozen, so it needs no float32 master copy."""
+    frozen, so it needs no float32 master copy. For FSDP2 it is built in host memory and each unit moves to
+    the device as it is sharded (distributed.shard)."""
     torch.manual_seed(cfg["seed"])  # identical initialisation on every rank (DDP also broadcasts rank 0's)
-    teacher = lrc.load_qwen2(teacher_dir, run.device, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
+    where = "cpu" if cfg["parallel"] == "fsdp" else run.device
+    teacher = lrc.load_qwen2(teacher_dir, where, run.compute_dtype) if cfg["method"] in ("lrc", "kd") else None
     if cfg["method"] == "lrc":
         return lrc.LRC(teacher, cfg["student_hidden"], tie_proj=cfg["tie_proj"], alpha=cfg["alpha"], tau=cfg["tau"],
-                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"],
+                       init_std=cfg["init_std"], checkpoint_layers=cfg["activation_checkpointing"] is True,
                        clone_attn_out=cfg["clone_attn_out"], clone_terms=cfg["clone_terms"])
     if cfg["method"] == "sft":  # float32 master weights of the checkpoint, all trainable; L_LM on masked targets
-        return lrc.Baseline(lrc.load_qwen2(init_dir, run.device, torch.float32).requires_grad_(True), None)
+        return lrc.Baseline(lrc.load_qwen2(init_dir, where, torch.float32).requires_grad_(True), None)
     with torch.device(run.device):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
@@ -369,22 +378,24 @@ def build(cfg, run):
         checkpoint.check_resumable(resume_from[0], existing, identity)
 
     model = build_model(cfg, teacher_dir, student_config, run, init_dir)
+    # wrapped before the optimizer is made: FSDP2 replaces the parameters by their shards
+    train_model, ddp = distributed.wrap(model, run.procs, run.use_compile, cfg["parallel"], cfg["shard_teacher"],
+                                        run.compute_dtype, whole_layers=cfg["activation_checkpointing"] == "layer")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   weight_decay=cfg["weight_decay"], fused=run.device.type == "cuda")
-    job = Job(run, data, model, model, None, optimizer, params, model.checkpoint_tensors(), identity,
+    job = Job(run, data, model, train_model, ddp, optimizer, params, model.checkpoint_tensors(), identity,
               teacher, toy_paths)
     start = (0, None)  # (step, windows read from each source before it): where the sampler's counts start
     if resume_from is not None:
         job.step, job.tokens_seen = checkpoint.restore(existing, *resume_from, job.model_state, optimizer, params,
-                                                       run.device)
+                                                       run.device, model)
         job.saved = existing
         start = (job.step, [s["windows_read"] for s in resume_from[0]["data"]["sources"]])
         run.log(f"resuming {existing} at step {job.step} ({job.tokens_seen:,} tokens seen)")
     job.windows = loader.TokenWindows(data, cfg["seed"], cfg["seq_len"], cfg["micro_batch_size"], run.rank,
                                       run.world_size, run.grad_accum, run.device, cfg["sampler"], start,
                                       use_mask=cfg["method"] == "sft")
-    job.train_model, job.ddp = distributed.wrap(model, run.procs, run.use_compile)
     if run.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         checkpoint.remove_stale_temporaries(cfg["out_dir"])
@@ -495,11 +506,10 @@ def check_finite(job, acc):
 def save(job, acc):
     check_finite(job, acc)
     run = job.run
+    weights, optimizer = checkpoint.gather(job.model, job.optimizer, job.model_state, run.master)
     if run.master:
-        job.saved = checkpoint.save_checkpoint(
-            run.cfg["out_dir"], job.step, job.model_state,
-            checkpoint.optimizer_tensors(job.optimizer, {p: n for n, p in job.model_state.items()}),
-            job.checkpoint_state(job.step), run.cfg["keep_last"])
+        job.saved = checkpoint.save_checkpoint(run.cfg["out_dir"], job.step, weights, optimizer,
+                                               job.checkpoint_state(job.step), run.cfg["keep_last"])
     distributed.barrier()
     job.saved = os.path.join(run.cfg["out_dir"], f"ckpt_{job.step:08d}")
 
@@ -549,8 +559,8 @@ def train_loop(job, metrics):
             group["lr"] = lr
         for micro in range(run.grad_accum):
             last_micro = micro == run.grad_accum - 1
-            # gradient all-reduce only on the last micro-step
-            with job.ddp.no_sync() if job.ddp is not None and not last_micro else nullcontext():
+            # DDP: gradient all-reduce only on the last micro-step; FSDP2: cfg["fsdp_grad_sync"]
+            with distributed.micro_step(job.model, job.ddp, last_micro, cfg["fsdp_grad_sync"]):
                 with run.autocast():
                     loss, parts = job.train_model(x, y)
                 # fetch the next micro-batch while the device works
@@ -558,7 +568,7 @@ def train_loop(job, metrics):
                 (loss / run.grad_accum).backward()
             acc.add_micro(loss, parts, run.grad_accum)
         # the global norm is computed (and logged) even without clipping: inf never clips
-        grad_norm = torch.nn.utils.clip_grad_norm_(job.params, cfg["grad_clip"] or math.inf, foreach=True)
+        grad_norm = distributed.clip_grad_norm(job.params, cfg["grad_clip"] or math.inf)
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
         job.step += 1
@@ -594,7 +604,8 @@ def train(cfg=None, log_prefix=""):
         cfg = run.cfg
         source = f"init_from {cfg['init_from']}" if cfg["method"] == "sft" else f"teacher {job.teacher}"
         run.log(f"method {cfg['method']} | {source} | data {job.data.describe()} | device {run.device} x "
-                f"{run.world_size} | dtype {run.dtype_name} | compile {run.use_compile}")
+                f"{run.world_size} | {cfg['parallel']}{' + shard_teacher' if cfg['shard_teacher'] else ''} | "
+                f"dtype {run.dtype_name} | compile {run.use_compile}")
         run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
                 f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
                 f"{cfg['tokens_per_step']:,} tokens/step | steps {job.step} -> {run.end_step} of {run.max_steps} | "

@@ -16,10 +16,13 @@ clone_attn_out = "teacher"               # the attention-output clone term of th
                                          # the released models: E(a_s W_o^T, a_t W_o^T) at teacher width (spec 4)
 seq_len = 2048
 tokens_per_step = 32768
-# 1 sequence per forward on each of 8 GPUs, 2 micro-steps: the bf16 teacher (15 GB), ~1.5B float32
-# projection parameters with Adam state and gradients (~23 GB) and the activations leave little room on
-# 80 GB for a second sequence.
-micro_batch_size = 1
+# The planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md): without activation
+# checkpointing one sequence per forward already needs 77.2 GiB per rank (the bf16 teacher 14.2 GiB, ~1.45B
+# float32 projections with gradients and Adam state 21.7 GiB, generated weights 7.0 GiB, activations); with it,
+# 2 sequences per GPU fit (56.8 GiB, no accumulation), which also halves the weight generation per token.
+#   python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80
+activation_checkpointing = True
+micro_batch_size = 2
 max_tokens = 18e9                        # 18B tokens = 549,317 steps
 lr = 6.7e-5
 min_lr = 0.0

@@ -1,0 +1,274 @@
+"""parallel=fsdp (FSDP2) and the memory planner (bench.py --plan): bad combinations refused with one line;
+FSDP2 in one process is the same computation as no wrapper; two gloo processes (one torchrun launch running
+several jobs) give the losses and checkpoints of one process, with and without shard_teacher, and resume across
+world sizes and parallel modes; the planner's simulated peak matches the CPU allocator's real peak."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import distributed
+import lrc
+import train
+from test_train import VOCAB, assert_one_line, config, make_data, make_teacher, tensors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return {"teacher": make_teacher(str(root / "teacher")), "data": make_data(str(root / "data")), "root": root}
+
+
+TINY = lrc.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e4)
+# for the table: 4 layers and a small vocabulary, so that the teacher's layers (not its embedding, which the root
+# unit keeps gathered) are most of it, as in a real teacher
+TABLE = lrc.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e4)
+
+
+def plan_config(**overrides):
+    return dict(train.make_config(dict(teacher="tiny", student_hidden=32, seq_len=64, tokens_per_step=512,
+                                       micro_batch_size=4, dtype="fp32", **overrides)), teacher_config="")
+
+
+PEAK_JOB = dict(teacher_config=TABLE.to_dict(), cfg=plan_config(), ac=False, mbs=4, micro_steps=2, shard_teacher=True)
+
+
+def max_diff(a_dir, b_dir):
+    """Largest |a - b| over every tensor of both checkpoint files (which must hold the same names)."""
+    worst = 0.0
+    for file in FILES:
+        a, b = tensors(a_dir, file), tensors(b_dir, file)
+        assert a.keys() == b.keys(), file
+        worst = max(worst, max((a[k] - b[k]).abs().max().item() for k in a))
+    return worst
+
+
+def losses(out_dir):
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "loss" in r}
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+def test_bad_combinations_are_one_line(world, tmp_path):
+    for overrides, words in [({"shard_teacher": True}, "add --parallel=fsdp"),
+                             ({"parallel": "fsdp", "method": "kd"}, "trains with parallel=ddp"),
+                             ({"parallel": "zero3"}, "not one of"),
+                             ({"fsdp_grad_sync": "never"}, "not one of")]:
+        with pytest.raises(lrc.LRCError) as e:
+            train.train(config(world, tmp_path / "out", **overrides))
+        assert words in assert_one_line(e), str(e.value)
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+    result = subprocess.run([sys.executable, "train.py", "--shard_teacher=True", f"--out_dir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--parallel=fsdp" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# one process: FSDP2 on a one-rank group is the same computation
+
+def test_fsdp_in_one_process_is_the_plain_computation(world, tmp_path):
+    """One rank holds every shard, so nothing may change: bit-identical checkpoints, with and without the
+    teacher sharded, with either activation checkpointing (student layers, or whole layers: also under DDP);
+    and a checkpoint of either parallel mode resumes in the other."""
+    cfg = dict(max_steps=4, save_interval=2, eval_tokens=256)
+    plain = train.train(config(world, tmp_path / "plain", **cfg))
+    fsdp = train.train(config(world, tmp_path / "fsdp", parallel="fsdp", activation_checkpointing=True, **cfg))
+    both = train.train(config(world, tmp_path / "both", parallel="fsdp", shard_teacher=True,
+                              activation_checkpointing="layer", fsdp_grad_sync="step", **cfg))
+    layer = train.train(config(world, tmp_path / "layer", activation_checkpointing="layer", **cfg))
+    for run in (fsdp, both, layer):
+        assert max_diff(plain["checkpoint"], run["checkpoint"]) == 0.0
+        assert run["last"]["loss"] == plain["last"]["loss"] and run["val"] == plain["val"]
+    shutil.rmtree(tmp_path / "fsdp" / "ckpt_00000004")     # fsdp resumes plain's format and the other way round
+    train.train(config(world, tmp_path / "fsdp", parallel="fsdp", resume=True, **cfg))
+    assert max_diff(plain["checkpoint"], str(tmp_path / "fsdp" / "ckpt_00000004")) == 0.0
+    shutil.rmtree(tmp_path / "both" / "ckpt_00000004")
+    train.train(config(world, tmp_path / "both", resume=True, **cfg))
+    assert max_diff(plain["checkpoint"], str(tmp_path / "both" / "ckpt_00000004")) == 0.0
+
+
+def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
+    """torch.compile under FSDP2 compiles each LRC layer in place, also with whole-layer checkpointing and the
+    teacher sharded. Dynamo's graph capture with FSDP2's hooks is what can fail; Inductor's code generation is
+    the same as without FSDP and takes a minute on this CPU, so the test compiles with aot_eager (same graphs,
+    no code generation)."""
+    torch._dynamo.reset()
+    monkeypatch.setitem(distributed.COMPILE_OPTIONS, "backend", "aot_eager")
+    teacher = make_teacher(str(tmp_path / "teacher"), layers=1)
+    cfg = dict(teacher=teacher, max_steps=3, tokens_per_step=64)
+    eager = train.train(config(world, tmp_path / "eager", **cfg))
+    compiled = train.train(config(world, tmp_path / "compiled", parallel="fsdp", compile=True, **cfg))
+    assert max_diff(eager["checkpoint"], compiled["checkpoint"]) < 1e-6
+    both = train.train(config(world, tmp_path / "both", parallel="fsdp", shard_teacher=True, compile=True,
+                              activation_checkpointing="layer", **cfg))
+    layer = train.train(config(world, tmp_path / "layer", compile=True, activation_checkpointing="layer", **cfg))
+    for run in (both, layer):
+        assert max_diff(eager["checkpoint"], run["checkpoint"]) < 1e-6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
+    torch._dynamo.reset()
+
+
+# -----------------------------------------------------------------------------
+# two gloo processes, one torchrun launch
+
+def run_torchrun_jobs(jobs, tmp_path):
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(REPO, "tests", "torchrun_jobs.py"), str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_fsdp_processes_match_one_and_resume_across_modes(world, tmp_path):
+    """1 process x 2 micro-steps against 2 gloo ranks x 1 micro-step, the same 128 tokens per step. The only
+    differences allowed are float32 summation orders: the global gradient norm (clipped here, so it matters) is a
+    sum of per-shard partial sums under FSDP2, and losses and gradients are averaged over ranks by a collective
+    instead of over micro-steps by autograd. A few ulps of the norm change the clipped update by ~1e-8 per step:
+    tolerance 1e-6 on tensors of size ~0.02-1 and on the logged losses (loss, lm ~4, clone ~0.1, kl ~1e-4; absolute,
+    since kl is a small difference of large log-probabilities and its relative error is not meaningful)."""
+    steps = dict(max_steps=4, save_interval=2, log_interval=1, grad_clip=0.05, keep_last=3)
+    root = tmp_path
+    one = train.train(config(world, root / "one", **steps))                       # the uninterrupted reference
+    assert one["first"]["grad_norm"] > 0.05                                      # clipping is active
+    accum = dict(steps, tokens_per_step=256, max_steps=2)                        # 2 micro-steps per rank
+    one_accum = train.train(config(world, root / "one_accum", **accum))
+    stdout = run_torchrun_jobs([
+        config(world, root / "fsdp", parallel="fsdp", **steps),
+        config(world, root / "fsdp_teacher", parallel="fsdp", shard_teacher=True, **steps),
+        config(world, root / "ddp_then_fsdp", stop_step=2, **steps),             # DDP(2) to step 2 ...
+        config(world, root / "ddp_then_fsdp", parallel="fsdp", resume=True, **steps),  # ... FSDP(2) from there
+        config(world, root / "accum_micro_step", parallel="fsdp", shard_teacher=True, activation_checkpointing="layer",
+               **accum),
+        config(world, root / "accum_step", parallel="fsdp", fsdp_grad_sync="step", activation_checkpointing=True, **accum),
+        {"real_peak": dict(PEAK_JOB, out=str(root / "peak.json"))},
+    ], tmp_path)
+    assert stdout.count("device cpu x 2 | fsdp + shard_teacher") == 2 and stdout.count("step 4/4 |") == 3
+    assert stdout.count("4 seq x 16 tokens x 2 ranks x 2 micro-steps") == 2
+    assert "resuming" in stdout
+    # FSDP(2) -> 1 process: the 2-rank run's step-2 checkpoint, resumed by one process
+    os.makedirs(root / "fsdp_then_one")
+    shutil.copytree(root / "fsdp" / "ckpt_00000002", root / "fsdp_then_one" / "ckpt_00000002")
+    train.train(config(world, root / "fsdp_then_one", resume=True, **steps))
+
+    reference = losses(one["out_dir"])
+    report = []
+    for name in ("fsdp", "fsdp_teacher", "ddp_then_fsdp", "fsdp_then_one"):
+        diff = max_diff(one["checkpoint"], str(root / name / "ckpt_00000004"))
+        rows = losses(str(root / name))
+        assert set(rows) == ({3, 4} if name == "fsdp_then_one" else {1, 2, 3, 4}), (name, sorted(rows))
+        loss_diff = max(abs(rows[s][k] - reference[s][k]) for s in rows for k in ("loss", "kl", "lm", "clone"))
+        report.append(f"{name}: max |tensor diff| {diff:.2e}, max |logged loss diff| {loss_diff:.2e}")
+        assert diff < 1e-6 and loss_diff < 1e-6, report[-1]
+    for name in ("accum_micro_step", "accum_step"):  # grad accumulation: each micro-step reduced, or once per step
+        diff = max_diff(one_accum["checkpoint"], str(root / name / "ckpt_00000002"))
+        report.append(f"{name}: max |tensor diff| {diff:.2e}")
+        assert diff < 1e-6, report[-1]
+    # the planner on 2 ranks, against rank 0's real peak of the same sharded step (gloo)
+    real = json.load(open(root / "peak.json"))
+    estimate, _ = bench.estimate(TABLE, PEAK_JOB["cfg"], "fsdp", True, False, 4, 2, 2, torch.float32, round_to=1)
+    report.append(f"planner, fsdp + shard_teacher on 2 ranks: estimate {estimate:,} B, real {real:,} B "
+                  f"({estimate / real - 1:+.2%})")
+    # gloo allocates a temporary the size of the whole buffer in every all-gather and reduce-scatter (the fake
+    # process group allocates nothing; NCCL writes into FSDP's own buffers), and when it frees them depends on
+    # the two processes' timing: the real peak moves by a few % from run to run
+    assert abs(estimate - real) <= 0.10 * real, report[-1]
+    print("\n" + "\n".join(report))
+
+
+# -----------------------------------------------------------------------------
+# the memory planner
+
+@pytest.mark.parametrize("parallel, ac", [("ddp", False), ("fsdp", True), ("ddp", "layer")])
+def test_planner_peak_matches_the_real_cpu_peak(parallel, ac):
+    """The same two steps (the second measured), simulated under FakeTensorMode and run for real: the estimate
+    is within 10% of the most bytes the CPU allocator held (torch.profiler memory events)."""
+    cfg = plan_config()
+    estimate, parts = bench.estimate(TINY, cfg, parallel, False, ac, 4, 1, 2, torch.float32, round_to=1)
+    real = bench.real_cpu_peak(TINY, cfg, parallel, ac, 4, 2)
+    assert abs(estimate - real) <= 0.10 * real, (estimate, real)
+    assert sum(parts.values()) == estimate and all(v > 0 for v in parts.values()), parts
+    teacher_bytes = sum(p.numel() * 4 for p in lrc.Qwen2(TINY).parameters())  # tied: counted once
+    assert parts["teacher"] == teacher_bytes
+    print(f"\n{parallel} ac={ac}: estimate {estimate:,} B, real {real:,} B ({estimate / real - 1:+.2%})")
+
+
+def test_planner_table_and_recommendation(tmp_path, capsys):
+    """bench.py --plan at a tiny shape on 4 ranks: sharding lowers what it should, and the recommendation is
+    the cheapest setting that fits, with a torchrun command that train.py accepts."""
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(TABLE.to_dict()))
+    preset = tmp_path / "preset.py"
+    preset.write_text("student_hidden = 32\nseq_len = 64\ntokens_per_step = 512\nmicro_batch_size = 4\n")
+    argv = ["--plan", str(preset), f"--teacher_config={file}", "--world_size=4", "--plan_micro_batch_sizes=1",
+            "--data=tokens/x"]
+    rows, best = bench.plan_main(argv + ["--gpu_mem_gib=1"])
+    by = {(r["parallel"], r["shard_teacher"], r["ac"]): r for r in rows}
+    assert len(rows) == 9 and all(r["mbs"] == 1 and r["grad_accum"] == 2 for r in rows)
+    ddp, fsdp, sharded = (by[(p, s, False)]["parts"] for p, s in bench.SETTINGS)
+    # trainable state: DDP holds params, gradient buckets and both moments (4 x float32 per parameter); FSDP2
+    # a quarter of that plus the gathered copies of the unit in use
+    assert fsdp["trainable"] < 0.5 * ddp["trainable"]
+    # the teacher: whole under DDP and plain FSDP; sharded, at most its shard, the root unit (embedding and final
+    # norm, kept gathered through the step) and two layers (the one in use and the one prefetched)
+    teacher = lrc.Qwen2(TABLE)
+
+    def bf16_blocks(params):  # bf16 bytes, each tensor in the CUDA allocator's 512-byte blocks (as the planner counts)
+        return sum(-(-p.numel() * 2 // 512) * 512 for p in params)
+    whole = bf16_blocks(teacher.parameters())
+    root = bf16_blocks(p for n, p in teacher.named_parameters() if ".layers." not in n)
+    layer = bf16_blocks(teacher.model.layers[0].parameters())
+    assert ddp["teacher"] == fsdp["teacher"] == whole
+    assert sharded["teacher"] <= whole / 4 + root + 2 * layer + 4096 and sharded["teacher"] < 0.9 * whole
+    # checkpointing saves memory, whole layers more than student layers (generated weights, teacher activations)
+    assert by[("ddp", False, "layer")]["peak"] < by[("ddp", False, True)]["peak"] < by[("ddp", False, False)]["peak"]
+    assert by[("ddp", False, "layer")]["parts"]["generated"] < by[("ddp", False, True)]["parts"]["generated"]
+    assert (best["parallel"], best["ac"], best["mbs"]) == ("ddp", False, 1)      # 1 GiB: everything fits
+    out = capsys.readouterr().out
+    command = out.split("fastest that fits:")[1].splitlines()[1].strip()
+    assert command.startswith("torchrun --standalone --nproc_per_node=4 train.py") and "--data=tokens/x" in command
+    cfg = train.parse_args(command.split()[4:])
+    assert (cfg["parallel"], cfg["micro_batch_size"]) == ("ddp", 1) and train.schedule_length(cfg, 4)[0] == 2
+    # a budget that only the smallest peak fits: that setting is recommended
+    smallest = min(rows, key=lambda r: r["peak"])
+    assert smallest["shard_teacher"] and smallest["ac"] == "layer"
+    assert bench.recommend(rows, smallest["peak"] / 0.9 * 1.0001, 0.1) is smallest
+    with pytest.raises(lrc.LRCError, match="--teacher_config=FILE"):
+        bench.plan_main(["--plan", str(preset), "--teacher_config=missing.json"])
+
+
+def test_large_presets_and_known_teachers():
+    """config/lrc_14b.py and lrc_32b.py name teachers the planner knows without the hub, whose architectures
+    count the published parameters (Qwen2.5-14B: 14.7B, 32B: 32.8B), and their batch divides on 8 GPUs."""
+    expected = {"Qwen/Qwen2.5-3B-Instruct": 3_085_938_688, "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+                "Qwen/Qwen2.5-14B-Instruct": 14_770_033_664, "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352}
+    for hub_id, count in expected.items():
+        with torch.device("meta"):
+            model = lrc.Qwen2(lrc.Qwen2Config.from_dict(bench.KNOWN_TEACHERS[hub_id]))
+        assert sum(p.numel() for p in model.parameters()) == count, hub_id
+    for name, teacher, hidden in [("lrc_14b", "Qwen/Qwen2.5-14B-Instruct", 3072),
+                                  ("lrc_32b", "Qwen/Qwen2.5-32B-Instruct", 4096)]:
+        cfg = train.parse_args([os.path.join(REPO, "config", f"{name}.py")])
+        assert (cfg["teacher"], cfg["student_hidden"], cfg["tie_proj"]) == (teacher, hidden, False)
+        assert train.schedule_length(cfg, 8)[0] >= 1
+        assert bench.plan_teacher_config(dict(cfg, teacher_config="")).hidden_size == 5120
