@@ -17,9 +17,9 @@ seq_len = 2048
 tokens_per_step = 32768
 # the planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md)
 parallel = "fsdp"
-shard_teacher = False
-activation_checkpointing = False
-micro_batch_size = 1
+shard_teacher = True
+activation_checkpointing = "layer"          # the generated weights alone (64 layers) would take 46.5 GiB
+micro_batch_size = 2
 max_tokens = 18e9
 lr = 6.7e-5
 min_lr = 0.0
