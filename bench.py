@@ -17,6 +17,7 @@ and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on 
   python bench.py --shape=qwen2.5-3b                  # one H100/H200: Qwen2.5-3B -> d_s 1200 at seq 2048
   python bench.py --shape=mid --checkpoint=True       # also (c) with activation checkpointing
   python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048
+  python bench.py --kl_precision=True --head_seq=256   # the official run's bf16 KL against float32, V=151936
   python bench.py --shape=mid --hidden_size=768 ...   # a shape's dims can be overridden one by one
   python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80   # memory planner: what fits
 
@@ -99,6 +100,7 @@ head_seq = 2048
 head_batch = 1
 head_hidden = 0          # 0: 2048 on GPU (Qwen2.5-3B), 256 on CPU (memory does not depend on it)
 head_student_hidden = 0  # 0: 1200 on GPU, 128 on CPU
+kl_precision = False     # instead: how far the official run's bf16 KL is from the float32 one (head_vocab, head_seq)
 seed = 1337
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
@@ -419,6 +421,57 @@ def bench_head_memory(dev, wdtype):
         print(f"{label:<38}{peak_s:>15}{ratio:>11}{ms:>12.0f}")
     print("peak extra = most bytes allocated at once during forward + backward above what was allocated "
           "before (includes the input gradients, same for both)")
+
+
+def official_bf16_kl(z_s, z_t, tau):
+    """L_KL as the official code computes it: bf16 logits [B, T, V], no autocast, so log_softmax and kl_div
+    (log_target, batchmean = sum / B) run in bf16 and so does their backward."""
+    log_q = F.log_softmax(z_s / tau, dim=-1)
+    log_p = F.log_softmax(z_t / tau, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def float_kl(z_s, z_t, tau, dtype):
+    """L_KL in `dtype` from the same logits (spec section 4): this project's float32 loss head, or float64 as
+    the reference both are compared with."""
+    log_q = F.log_softmax(z_s.to(dtype) / tau, dim=-1)
+    log_p = F.log_softmax(z_t.to(dtype) / tau, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def bench_kl_precision():
+    """The official run computed L_KL in bf16 (spec section 4, differences); this project computes its loss head
+    in float32. Both are compared with float64 on the same bf16 logits, the value and dL/dz_s: synthetic logits
+    at V = head_vocab (a teacher z_t ~ 2.5 N(0, 1) with one token per position raised by 12, a peaked
+    next-token distribution; a student z_s = z_t + gap N(0, 1), early (gap 2) and late (gap 0.5) in training)."""
+    V, T = head_vocab, head_seq
+    g = torch.Generator().manual_seed(seed)
+    print(f"L_KL and its gradient dL/dz_s at V={V}, {T} positions (B=1), against float64 on the same bf16 logits")
+    print(f"{'tau':>5}{'gap':>6}{'L_KL float64':>14}{'float32 rel err':>17}{'bf16 rel err':>14}"
+          f"{'grad f32 rel err':>18}{'grad bf16 rel err':>19}{'bf16 cosine':>13}")
+    for tau in (1.0, 40.0):
+        for gap in (2.0, 0.5):
+            z_t = 2.5 * torch.randn(1, T, V, generator=g)
+            z_t[0, torch.arange(T), torch.randint(V, (T,), generator=g)] += 12.0
+            z_s = z_t + gap * torch.randn(1, T, V, generator=g)
+            z_t, z_s = z_t.bfloat16(), z_s.bfloat16()
+            results = {}
+            for name, fn in (("f64", lambda s: float_kl(s, z_t, tau, torch.float64)),
+                             ("f32", lambda s: float_kl(s, z_t, tau, torch.float32)),
+                             ("bf16", lambda s: official_bf16_kl(s, z_t, tau))):
+                s = z_s.clone().requires_grad_()
+                loss = fn(s)
+                loss.backward()
+                results[name] = (loss.double().item(), s.grad.double())
+                del s, loss
+            ref_loss, ref_grad = results["f64"]
+            rel = {k: abs(v[0] - ref_loss) / ref_loss for k, v in results.items()}
+            grad_rel = {k: ((v[1] - ref_grad).norm() / ref_grad.norm()).item() for k, v in results.items()}
+            cosine = F.cosine_similarity(results["bf16"][1].flatten(), ref_grad.flatten(), dim=0).item()
+            print(f"{tau:>5g}{gap:>6g}{ref_loss:>14.5g}{rel['f32']:>17.1e}{rel['bf16']:>14.1e}"
+                  f"{grad_rel['f32']:>18.1e}{grad_rel['bf16']:>19.1e}{cosine:>13.4f}")
+            del results, ref_grad, z_t, z_s
+    print("rel err = |x - x_float64| / |x_float64| (for the gradient, of the L2 norm over all [T, V] entries)")
 
 
 # -----------------------------------------------------------------------------
@@ -1050,6 +1103,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {machine}, weights {wdtype}, compile={compile}")
     if head_mem:
         return bench_head_memory(dev, wdtype)
+    if kl_precision:
+        return bench_kl_precision()
 
     s, teacher, student_cfg = build_teacher(config, dev, wdtype)
     teacher_cfg, B, T = teacher.config, s["batch_size"], s["seq_len"]

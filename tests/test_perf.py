@@ -284,3 +284,18 @@ def test_bench_rejects_unknown_options(monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench.py", "--steps=ten"])
     with pytest.raises(lrc.LRCError, match="steps='ten' in the command line is not int"):
         bench.main()
+
+
+def test_kl_precision_compares_the_official_formula_with_ours():
+    """bench.py --kl_precision: the official code's KL (log_softmax + kl_div batchmean) is spec section 4's L_KL,
+    and in bf16 at tau = 40 and V = 151,936 it is far from float32, which is close to float64."""
+    g = torch.Generator().manual_seed(0)
+    z_t = 2.5 * torch.randn(1, 4, 151936, generator=g, dtype=torch.float64)
+    z_s = z_t + 0.5 * torch.randn(1, 4, 151936, generator=g, dtype=torch.float64)
+    p, log_p, log_q = (z_t / 40).softmax(-1), (z_t / 40).log_softmax(-1), (z_s / 40).log_softmax(-1)
+    by_hand = (p * (log_p - log_q)).sum()  # summed over [B, T, V], divided by B = 1
+    torch.testing.assert_close(bench.official_bf16_kl(z_s, z_t, 40.0), by_hand, rtol=1e-10, atol=0)
+    student_bf16, teacher_bf16 = z_s.bfloat16(), z_t.bfloat16()
+    truth = bench.float_kl(student_bf16, teacher_bf16, 40.0, torch.float64)
+    assert abs(bench.float_kl(student_bf16, teacher_bf16, 40.0, torch.float32) - truth) / truth < 1e-2
+    assert abs(bench.official_bf16_kl(student_bf16, teacher_bf16, 40.0).double() - truth) / truth > 0.1
