@@ -112,12 +112,22 @@ def gather(model, optimizer, model_state, master):
     state = get_optimizer_state_dict(model, optimizer, options=options).get("state", {})
     if not master:
         return {}, {}
-    missing = sorted(set(model_state) - set(weights))
+    fqn = module_names(model, model_state)
+    missing = sorted(set(fqn.values()) - set(weights))
     assert not missing, missing[:3]
+    name_of = {module_name: name for name, module_name in fqn.items()}
     # only the trainable tensors: a tied teacher's head can come through as a second name of its embedding
-    optimizer_state = {f"{key}.{name}": value.detach().float().contiguous() for name, fields in state.items()
-                       for key, value in fields.items() if torch.is_tensor(value)}
-    return {name: weights[name] for name in model_state}, optimizer_state
+    optimizer_state = {f"{key}.{name_of[module_name]}": value.detach().float().contiguous()
+                       for module_name, fields in state.items() for key, value in fields.items()
+                       if torch.is_tensor(value)}
+    return {name: weights[fqn[name]] for name in model_state}, optimizer_state
+
+
+def module_names(model, model_state):
+    """{checkpoint name: the parameter's name in `model`}, the names torch.distributed.checkpoint uses. The same
+    for lrc.LRC; a Baseline's checkpoint names are its student's (Hugging Face names, without "student.")."""
+    name_in_model = {id(p): n for n, p in model.named_parameters()}
+    return {name: name_in_model[id(tensor)] for name, tensor in model_state.items()}
 
 
 def save_checkpoint(out_dir, step, model_state, optimizer_state, state, keep_last):
@@ -217,7 +227,7 @@ def restore(path, state, weights, optimizer_tensors, model_state, optimizer, par
         raise LRCError(f"cannot resume {path}: it lacks {missing[0]!r}; it was not written by this train.py")
     names = {p: n for n, p in model_state.items()}  # the tied head is saved under its embedding's name
     if model is not None and is_sharded(model):
-        _restore_sharded(model, optimizer, {n: weights[n] for n in model_state}, optimizer_tensors,
+        _restore_sharded(model, optimizer, weights, optimizer_tensors, module_names(model, model_state),
                          [names[p] for p in params])
     else:
         with torch.no_grad():
@@ -228,15 +238,17 @@ def restore(path, state, weights, optimizer_tensors, model_state, optimizer, par
     return state["step"], state["tokens_seen"]
 
 
-def _restore_sharded(model, optimizer, weights, optimizer_tensors, names):
+def _restore_sharded(model, optimizer, weights, optimizer_tensors, fqn, names):
+    """fqn: {checkpoint name: name in model} (module_names); names: the checkpoint names of the optimizer's
+    parameters, in order."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: the frozen teacher is not in it
-    set_model_state_dict(model, dict(weights), options=options)     # (a copy: it replaces the dict's values)
+    set_model_state_dict(model, {fqn[n]: weights[n] for n in fqn}, options=options)
     per_param = {}
     for key, tensor in optimizer_tensors.items():
         field, _, name = key.partition(".")
-        per_param.setdefault(name, {})[field] = tensor
-    groups = [dict({k: v for k, v in group.items() if k != "params"}, params=names)
+        per_param.setdefault(fqn[name], {})[field] = tensor
+    groups = [dict({k: v for k, v in group.items() if k != "params"}, params=[fqn[n] for n in names])
               for group in optimizer.state_dict()["param_groups"]]
     assert len(groups) == 1, "one parameter group"
     set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups}, options=options)

@@ -13,6 +13,7 @@ FSDP units (docs/scaling.md): a student weight is generated from a teacher weigh
 everything layer i needs, so layer i is one unit: fully_shard([teacher block i, LRC layer i]) with
 shard_teacher, fully_shard(LRC layer i) without (the teacher is then replicated and left out of FSDP).
 The root unit holds the rest: P_emb, P_lm, the final norm (and the teacher's embedding, norm and head).
+The baselines and SFT train a plain student: each of its blocks is a unit.
 """
 import os
 from contextlib import nullcontext
@@ -41,16 +42,13 @@ class Processes:
         return self.rank == 0
 
 
-def check_parallel(parallel, shard_teacher, method):
+def check_parallel(parallel, shard_teacher):
     """One-line refusals of combinations that cannot run, before any process group or teacher."""
     if parallel not in PARALLEL:
         raise LRCError(f"parallel={parallel!r} is not one of {', '.join(PARALLEL)}")
     if shard_teacher and parallel != "fsdp":
         raise LRCError("shard_teacher=True shards the teacher with FSDP2, but parallel='ddp' keeps a full copy on "
                        "every rank: add --parallel=fsdp, or drop shard_teacher")
-    if parallel == "fsdp" and method != "lrc":
-        raise LRCError(f"parallel=fsdp shards the LRC student (method=lrc); the {method} baseline trains with "
-                       f"parallel=ddp: drop --parallel=fsdp")
 
 
 def init(device="auto", parallel="ddp") -> Processes:
@@ -121,17 +119,27 @@ def shard(model, mesh, shard_teacher, compute_dtype, device):
     fully_shard moves each unit to `device` as it shards it, so the device never holds more than one
     full unit at a time."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    teacher = model.teacher
+    teacher = model.teacher  # None for method=scratch and sft
     policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
-    if not shard_teacher and any(p.device != device for p in teacher.parameters()):
+    replicated = teacher is not None and not shard_teacher
+    if replicated and any(p.device != device for p in teacher.parameters()):
         teacher.to(device)  # a replicated frozen teacher, outside FSDP (ignored_params are never moved)
-    ignored = None if shard_teacher else set(teacher.parameters())
-    for block, layer in zip(teacher.model.layers, model.layers):
-        fully_shard([block, layer] if shard_teacher else layer, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    for unit in layer_units(model, shard_teacher):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(teacher.parameters()) if replicated else None)
     return model
+
+
+def layer_units(model, shard_teacher):
+    """The FSDP units below the root. lrc.LRC: layer i, with teacher block i when the teacher is sharded (both
+    are read by LRCLayer.forward). lrc.Baseline (kd, scratch, sft: a plain student): each student block, and
+    with shard_teacher each teacher block on its own, since no student weight is made from a teacher's."""
+    teacher = model.teacher
+    if hasattr(model, "layers"):
+        return [[block, layer] if shard_teacher else layer for block, layer in zip(teacher.model.layers, model.layers)]
+    units = list(model.student.model.layers)
+    return units + (list(teacher.model.layers) if shard_teacher and teacher is not None else [])
 
 
 def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_teacher=False,

@@ -329,9 +329,9 @@ class Block(nn.Module):
             q_norm=a.q_norm.weight if self.qk_norm else None, k_norm=a.k_norm.weight if self.qk_norm else None)
 
     def forward(self, x, cos, sin, config, cache=None, layer_index=0):
-        """This layer (decoder_layer with this block's weights). LRCLayer runs the teacher stream through it, so
-        that a wrapper hooked on forward() (FSDP2, which gathers a unit around its modules' forwards) sees the
-        teacher block run."""
+        """This layer (decoder_layer with this block's weights). CausalLM.hidden, and LRCLayer for the teacher
+        stream, run a block through it, so that a wrapper hooked on forward() (FSDP2, which gathers a unit around
+        its modules' forwards) sees the block run."""
         return decoder_layer(x, self.weights(), cos, sin, config, cache, layer_index)
 
 
@@ -363,7 +363,7 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
         x = self.model.embed_tokens(idx)
         for layer_index, block in enumerate(self.model.layers):
-            x, _ = decoder_layer(x, block.weights(), cos, sin, c, cache, layer_index)
+            x, _ = block(x, cos, sin, c, cache, layer_index)
         if cache is not None:
             cache.pos += idx.shape[1]
         return self.model.norm(x)

@@ -99,7 +99,7 @@ DEFAULTS = dict(
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
     activation_checkpointing=False,  # lrc only: True: recompute each student layer in backward; 'layer': each layer whole
-    parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards projections, grads, AdamW
+    parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards the trained weights, grads, AdamW
     shard_teacher=False,          # fsdp only: also shard the frozen teacher, each layer gathered while it is used
     fsdp_grad_sync="micro_step",  # fsdp: reduce-scatter every micro-step (sharded grads) or once per 'step'
     strict_tokenizer=False,       # data made with another tokenizer.json than the teacher's: False warns, True refuses
@@ -194,7 +194,7 @@ def schedule_length(cfg, world_size):
 def setup(cfg, log_prefix=""):
     """The Run of this process: checks the batch arithmetic, then joins the process group under torchrun."""
     grad_accum, max_steps = schedule_length(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    distributed.check_parallel(cfg["parallel"], cfg["shard_teacher"], cfg["method"])
+    distributed.check_parallel(cfg["parallel"], cfg["shard_teacher"])
     procs = distributed.init(cfg["device"], cfg["parallel"])
     cuda = procs.device.type == "cuda"
     if cuda:
@@ -233,7 +233,7 @@ def build_toy_teacher(cfg, paths, teacher_dir, run_dir, log=print, log_prefix="[
     run_cfg = dict(cfg, method="scratch", teacher=None, data=paths["teacher_tokens"], student_config=recipe["spec"],
                    out_dir=run_dir, max_steps=recipe["steps"], max_tokens=None, stop_step=None, lr=recipe["lr"],
                    min_lr=0.0, resume=False, overwrite=True, save_interval=0, keep_last=1, wandb_project=None,
-                   parallel="ddp", shard_teacher=False,  # a tiny Qwen2: nothing to shard (fsdp is for method=lrc)
+                   parallel="ddp", shard_teacher=False,  # a tiny Qwen2: nothing worth sharding
                    eval_interval=0, log_interval=max(cfg["log_interval"], recipe["steps"] // 8))
     summary = train(run_cfg, log_prefix=log_prefix)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -297,7 +297,7 @@ def build_model(cfg, teacher_dir, student_config, run, init_dir=None):
                        clone_attn_out=cfg["clone_attn_out"], clone_terms=cfg["clone_terms"])
     if cfg["method"] == "sft":  # float32 master weights of the checkpoint, all trainable; L_LM on masked targets
         return lrc.Baseline(lrc.load_qwen2(init_dir, where, torch.float32).requires_grad_(True), None)
-    with torch.device(run.device):
+    with torch.device(where):
         student = Qwen2(student_config)  # float32 master weights; autocast computes in bf16 on GPU
     return lrc.Baseline(student, teacher, tau=cfg["tau"])
 

@@ -19,6 +19,9 @@ max_tokens = 0.2e9                      # the card's "0.2B tokens": one pass ove
 seq_len = 2048
 tokens_per_step = 32768
 micro_batch_size = 2
+# every weight is trained: LRC-4B's 4.35B parameters hold 16 bytes each in float32 weights, gradients and AdamW
+# moments, 70 GB per GPU under DDP before any activation; FSDP2 splits them over the 8 GPUs (8.7 GB each)
+parallel = "fsdp"
 sampler = "epoch"
 min_lr = 0.0
 warmup_ratio = 0.03

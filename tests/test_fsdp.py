@@ -15,7 +15,7 @@ import bench
 import distributed
 import lrc
 import train
-from test_train import VOCAB, assert_one_line, config, make_data, make_teacher, tensors
+from test_train import VOCAB, assert_one_line, config, make_chat_data, make_data, make_teacher, tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("model.safetensors", "optimizer.safetensors")
@@ -70,7 +70,6 @@ def losses(out_dir):
 
 def test_bad_combinations_are_one_line(world, tmp_path):
     for overrides, words in [({"shard_teacher": True}, "add --parallel=fsdp"),
-                             ({"parallel": "fsdp", "method": "kd"}, "trains with parallel=ddp"),
                              ({"parallel": "zero3"}, "not one of"),
                              ({"fsdp_grad_sync": "never"}, "not one of")]:
         with pytest.raises(lrc.LRCError) as e:
@@ -104,6 +103,26 @@ def test_fsdp_in_one_process_is_the_plain_computation(world, tmp_path):
     shutil.rmtree(tmp_path / "both" / "ckpt_00000004")
     train.train(config(world, tmp_path / "both", resume=True, **cfg))
     assert max_diff(plain["checkpoint"], str(tmp_path / "both" / "ckpt_00000004")) == 0.0
+
+
+def test_fsdp_trains_the_plain_students_too(world, tmp_path):
+    """method=kd, scratch and sft train a plain student: under FSDP2 each of its blocks is a unit (the kd teacher
+    replicated, or sharded block by block). One rank: bit-identical to DDP, and resumes DDP's checkpoint."""
+    chat = make_chat_data(str(tmp_path / "chat"))
+    cfg = dict(max_steps=4, save_interval=2, eval_tokens=256)
+    for method, extra in [("kd", {}), ("kd", {"shard_teacher": True}), ("scratch", {}),
+                          ("sft", {"init_from": world["teacher"], "data": chat})]:
+        name = method + ("_teacher" if extra.get("shard_teacher") else "")
+        plain = train.train(config(world, tmp_path / f"{name}_ddp", method=method,
+                                   **{k: v for k, v in extra.items() if k != "shard_teacher"}, **cfg))
+        fsdp = train.train(config(world, tmp_path / name, method=method, parallel="fsdp", **extra, **cfg))
+        assert max_diff(plain["checkpoint"], fsdp["checkpoint"]) == 0.0, name
+        assert fsdp["last"]["loss"] == plain["last"]["loss"] and fsdp["val"] == plain["val"], name
+    shutil.rmtree(tmp_path / "sft" / "ckpt_00000004")           # FSDP2 resumes the DDP run's format
+    shutil.copytree(tmp_path / "sft_ddp" / "ckpt_00000002", tmp_path / "sft" / "ckpt_00000002", dirs_exist_ok=True)
+    train.train(config(world, tmp_path / "sft", method="sft", parallel="fsdp", resume=True, init_from=world["teacher"],
+                       data=chat, **cfg))
+    assert max_diff(str(tmp_path / "sft_ddp" / "ckpt_00000004"), str(tmp_path / "sft" / "ckpt_00000004")) == 0.0
 
 
 def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
@@ -153,6 +172,8 @@ def test_two_fsdp_processes_match_one_and_resume_across_modes(world, tmp_path):
     assert one["first"]["grad_norm"] > 0.05                                      # clipping is active
     accum = dict(steps, tokens_per_step=256, max_steps=2)                        # 2 micro-steps per rank
     one_accum = train.train(config(world, root / "one_accum", **accum))
+    sft = dict(steps, method="sft", init_from=world["teacher"], data=make_chat_data(str(root / "chat")))
+    one_sft = train.train(config(world, root / "one_sft", **sft))
     stdout = run_torchrun_jobs([
         config(world, root / "fsdp", parallel="fsdp", **steps),
         config(world, root / "fsdp_teacher", parallel="fsdp", shard_teacher=True, **steps),
@@ -161,9 +182,10 @@ def test_two_fsdp_processes_match_one_and_resume_across_modes(world, tmp_path):
         config(world, root / "accum_micro_step", parallel="fsdp", shard_teacher=True, activation_checkpointing="layer",
                **accum),
         config(world, root / "accum_step", parallel="fsdp", fsdp_grad_sync="step", activation_checkpointing=True, **accum),
+        config(world, root / "sft_fsdp", parallel="fsdp", **sft),                  # a plain student: SFT
         {"real_peak": dict(PEAK_JOB, out=str(root / "peak.json"))},
     ], tmp_path)
-    assert stdout.count("device cpu x 2 | fsdp + shard_teacher") == 2 and stdout.count("step 4/4 |") == 3
+    assert stdout.count("device cpu x 2 | fsdp + shard_teacher") == 2 and stdout.count("step 4/4 |") == 4
     assert stdout.count("4 seq x 16 tokens x 2 ranks x 2 micro-steps") == 2
     assert "resuming" in stdout
     # FSDP(2) -> 1 process: the 2-rank run's step-2 checkpoint, resumed by one process
@@ -171,10 +193,10 @@ def test_two_fsdp_processes_match_one_and_resume_across_modes(world, tmp_path):
     shutil.copytree(root / "fsdp" / "ckpt_00000002", root / "fsdp_then_one" / "ckpt_00000002")
     train.train(config(world, root / "fsdp_then_one", resume=True, **steps))
 
-    reference = losses(one["out_dir"])
     report = []
-    for name in ("fsdp", "fsdp_teacher", "ddp_then_fsdp", "fsdp_then_one"):
-        diff = max_diff(one["checkpoint"], str(root / name / "ckpt_00000004"))
+    for name in ("fsdp", "fsdp_teacher", "ddp_then_fsdp", "fsdp_then_one", "sft_fsdp"):
+        reference = losses((one_sft if name == "sft_fsdp" else one)["out_dir"])
+        diff = max_diff((one_sft if name == "sft_fsdp" else one)["checkpoint"], str(root / name / "ckpt_00000004"))
         rows = losses(str(root / name))
         assert set(rows) == ({3, 4} if name == "fsdp_then_one" else {1, 2, 3, 4}), (name, sorted(rows))
         loss_diff = max(abs(rows[s][k] - reference[s][k]) for s in rows for k in ("loss", "kl", "lm", "clone"))
