@@ -1015,10 +1015,12 @@ def recommend(rows, gpu_bytes, headroom):
                                        r["comm"])) if fitting else None
 
 
-def plan_command(row, world_size, config_files, overrides):
-    """The torchrun command of a row (one node up to 8 ranks, else nodes of 8)."""
-    keys = [f"--parallel={row['parallel']}"] + (["--shard_teacher=True"] if row["shard_teacher"] else [])
-    keys += ([f"--activation_checkpointing={row['ac']}"] if row["ac"] else []) + [f"--micro_batch_size={row['mbs']}"]
+def plan_command(row, world_size, config_files, overrides, cfg):
+    """The torchrun command of a row (one node up to 8 ranks, else nodes of 8). The row's settings are spelled
+    out, all but a False that the config (preset and overrides) already has."""
+    settings = dict(parallel=row["parallel"], shard_teacher=row["shard_teacher"], activation_checkpointing=row["ac"],
+                    micro_batch_size=row["mbs"])
+    keys = [f"--{key}={value}" for key, value in settings.items() if value is not False or cfg[key] is not False]
     keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
               f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
@@ -1056,7 +1058,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
         return None
     print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
           f"micro_batch_size {best['mbs']} ({best['peak'] / gib:.1f} GiB):")
-    print("  " + plan_command(best, world_size, config_files, overrides))
+    print("  " + plan_command(best, world_size, config_files, overrides, cfg))
     return best
 
 

@@ -271,6 +271,12 @@ def test_planner_table_and_recommendation(tmp_path, capsys):
     assert command.startswith("torchrun --standalone --nproc_per_node=4 train.py") and "--data=tokens/x" in command
     cfg = train.parse_args(command.split()[4:])
     assert (cfg["parallel"], cfg["micro_batch_size"]) == ("ddp", 1) and train.schedule_length(cfg, 4)[0] == 2
+    # a preset that shards the teacher and checkpoints: a plain row's command switches both off
+    preset_cfg = dict(cfg, parallel="fsdp", shard_teacher=True, activation_checkpointing="layer")
+    plain_row = by[("ddp", False, False)]
+    switched = bench.plan_command(plain_row, 4, [], [], preset_cfg)
+    assert "--shard_teacher=False" in switched and "--activation_checkpointing=False" in switched
+    assert train.parse_args(switched.split()[4:])["parallel"] == "ddp"  # keys train.py accepts
     # a budget that only the smallest peak fits: that setting is recommended
     smallest = min(rows, key=lambda r: r["peak"])
     assert smallest["shard_teacher"] and smallest["ac"] == "layer"
