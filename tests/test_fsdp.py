@@ -15,24 +15,11 @@ import bench
 import distributed
 import lrc
 import train
-from test_train import VOCAB, assert_one_line, config, make_chat_data, make_data, make_teacher, tensors
+from test_train import assert_one_line, config, make_chat_data, make_teacher, tensors
+from test_train import one_thread, world  # noqa: F401  (test_train's fixtures, used here by name)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("model.safetensors", "optimizer.safetensors")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    return {"teacher": make_teacher(str(root / "teacher")), "data": make_data(str(root / "data")), "root": root}
 
 
 TINY = lrc.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
