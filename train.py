@@ -1,12 +1,14 @@
 """
-Train a Low-Rank Clone student (or one of the two baselines it is compared with) on prepared token files.
-One loop serves a laptop and a cluster:
+Train a Low-Rank Clone student (or one of the two baselines it is compared with, or fine-tune the converted
+student: the second stage) on prepared token files. One loop serves a laptop and a cluster:
 
     python train.py                                  # toy run: CPU, offline, a few minutes
     python train.py config/lrc_1.7b.py --data=DIR    # one process (one GPU, or the CPU)
     torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py --data=DIR
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         train.py config/lrc_1.7b.py --data=DIR --micro_batch_size=1
+    python bench.py --plan config/lrc_14b.py --world_size=8 --gpu_mem_gib=80   # what fits, before a GPU is used
+    torchrun --standalone --nproc_per_node=8 train.py config/lrc_14b.py --data=DIR   # FSDP2 (parallel=fsdp)
 
 Configuration, nanoGPT style (configurator.py): DEFAULTS below (they are the toy preset), then each
 config/NAME.py given, then --key=value. Unknown keys and wrongly typed values are refused. --resume
@@ -15,8 +17,10 @@ returns a summary dict.
 
 Methods (one loop, spec section 4 for the losses):
   lrc      the LRC student: trainable projections of a frozen teacher; L = L_KL + L_LM + alpha * L_clone
-  kd       an ordinary Qwen2 of the exported student's shape, random init; L = L_KL + L_LM
+  kd       an ordinary model of the exported student's shape, random init; L = L_KL + L_LM
   scratch  the same student trained on the data alone; L = L_LM
+  sft      a Hugging Face checkpoint (--init_from, a converted student) on chat data; L = L_LM on the
+           assistant's tokens only (the loss mask of data/prepare.py --format=chat)
 
 The file reads top to bottom as the job runs: config -> setup (processes, devices, the output
 directory) -> data (cheap checks before any teacher is touched) -> build (teacher, model, optimizer,

@@ -19,6 +19,12 @@ seq_len = 2048                           # --data-max-len 2048
 # One GPU: grad_accum becomes 8 by itself. 929,650,176 trainable parameters (spec section 3).
 tokens_per_step = 49152
 micro_batch_size = 3
+# 3 sequences per GPU without activation checkpointing need 76.3 GiB per GPU with every rank holding everything,
+# above the 72 GiB that 80 GB leaves with 10% headroom; the reference ran this under DeepSpeed ZeRO stage 2 (its accelerate config
+# accel_ds_8h800_gas1.yaml: gradients and optimizer state sharded over the 8 GPUs). Sharding the
+# projections' state with FSDP2 brings it to 63.8 GiB, the planner's fastest setting that fits (docs/scaling.md):
+#   python bench.py --plan config/lrc_1.5b.py --world_size=8 --gpu_mem_gib=80 --plan_micro_batch_sizes=1,3
+parallel = "fsdp"
 max_steps = 208000                       # --max_steps 208000: 10.2B tokens
 lr = 1e-4                                # --learning-rate 1e-4
 min_lr = 0.0

@@ -17,9 +17,9 @@ clone_attn_out = "teacher"               # the attention-output clone term of th
 seq_len = 2048
 tokens_per_step = 32768
 # The planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md): without activation
-# checkpointing one sequence per forward already needs 77.2 GiB per rank (the bf16 teacher 14.2 GiB, ~1.45B
+# checkpointing one sequence per forward already needs 77.5 GiB per rank (the bf16 teacher 14.2 GiB, ~1.45B
 # float32 projections with gradients and Adam state 21.7 GiB, generated weights 7.0 GiB, activations); with it,
-# 2 sequences per GPU fit (56.8 GiB, no accumulation), which also halves the weight generation per token.
+# 2 sequences per GPU fit (57.6 GiB, no accumulation), which also halves the weight generation per token.
 #   python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80
 activation_checkpointing = True
 micro_batch_size = 2
