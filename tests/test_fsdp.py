@@ -274,9 +274,11 @@ def test_planner_table_and_recommendation(tmp_path, capsys):
 
 def test_large_presets_and_known_teachers():
     """config/lrc_14b.py and lrc_32b.py name teachers the planner knows without the hub, whose architectures
-    count the published parameters (Qwen2.5-14B: 14.7B, 32B: 32.8B), and their batch divides on 8 GPUs."""
+    count the published parameters (Qwen2.5-14B: 14.7B, 32B: 32.8B; Llama-3.2-3B, LRC-1.5B's teacher: 3.21B),
+    and their batch divides on 8 GPUs."""
     expected = {"Qwen/Qwen2.5-3B-Instruct": 3_085_938_688, "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
-                "Qwen/Qwen2.5-14B-Instruct": 14_770_033_664, "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352}
+                "Qwen/Qwen2.5-14B-Instruct": 14_770_033_664, "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352,
+                "meta-llama/Llama-3.2-3B-Instruct": 3_212_749_824}  # its card: 3.21B
     for hub_id, count in expected.items():
         with torch.device("meta"):
             model = lrc.Qwen2(lrc.Qwen2Config.from_dict(bench.KNOWN_TEACHERS[hub_id]))
