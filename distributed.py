@@ -112,7 +112,7 @@ def device_mesh(device_type, world_size):
 
 
 def shard(model, mesh, shard_teacher, compute_dtype, device):
-    """FSDP2 over an lrc.LRC, in place (units: see the top of this file). Mixed precision is FSDP2's own
+    """FSDP2 over an lrc.LRC or lrc.Baseline, in place (units: see the top of this file, and layer_units). Mixed precision is FSDP2's own
     policy: the sharded parameters stay float32 masters, each unit is gathered in compute_dtype (bf16 on
     GPU; None = as stored) and gradients are reduce-scattered in float32. Every unit but the root frees
     its gathered parameters after forward and gathers them again for backward. The model may sit on the CPU:
@@ -142,6 +142,14 @@ def layer_units(model, shard_teacher):
     return units + (list(teacher.model.layers) if shard_teacher and teacher is not None else [])
 
 
+def layer_modules(model):
+    """The modules whose forward runs one layer, compiled in place under FSDP2: lrc.LRC's LRC layers (each runs
+    its teacher block inside), or a Baseline's student blocks and, for kd, its teacher's."""
+    if hasattr(model, "layers"):
+        return list(model.layers)
+    return list(model.student.model.layers) + (list(model.teacher.model.layers) if model.teacher is not None else [])
+
+
 def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_teacher=False,
          compute_dtype=torch.float32, mesh=None, whole_layers=False):
     """(the module the loop calls, the DDP wrapper or None). DDP covers the trainable parameters only: the
@@ -164,7 +172,7 @@ def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_t
     if use_compile and (parallel == "fsdp" or whole_layers):
         # each layer in place: FSDP2's hooks, and the module checkpoint's recomputation (which under one
         # whole-model graph would pick another graph than the forward's), stay outside the compiled graphs
-        for layer in model.layers:
+        for layer in layer_modules(model):
             layer.compile(**COMPILE_OPTIONS)
         use_compile = False
     if parallel == "fsdp":

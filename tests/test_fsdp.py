@@ -113,8 +113,8 @@ def test_fsdp_trains_the_plain_students_too(world, tmp_path):
 
 
 def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
-    """torch.compile under FSDP2 compiles each LRC layer in place, also with whole-layer checkpointing and the
-    teacher sharded. Dynamo's graph capture with FSDP2's hooks is what can fail; Inductor's code generation is
+    """torch.compile under FSDP2 compiles each LRC layer in place (each block, for a plain student), also with
+    whole-layer checkpointing and the teacher sharded. Dynamo's graph capture with FSDP2's hooks is what can fail; Inductor's code generation is
     the same as without FSDP and takes a minute on this CPU, so the test compiles with aot_eager (same graphs,
     no code generation)."""
     torch._dynamo.reset()
@@ -129,6 +129,10 @@ def test_fsdp_compiles_each_layer(world, tmp_path, monkeypatch):
     layer = train.train(config(world, tmp_path / "layer", compile=True, activation_checkpointing="layer", **cfg))
     for run in (both, layer):
         assert max_diff(eager["checkpoint"], run["checkpoint"]) < 1e-6
+    # a plain student (kd): its blocks, and the teacher's, compiled in place
+    kd_eager = train.train(config(world, tmp_path / "kd_eager", method="kd", **cfg))
+    kd = train.train(config(world, tmp_path / "kd", method="kd", parallel="fsdp", compile=True, **cfg))
+    assert max_diff(kd_eager["checkpoint"], kd["checkpoint"]) < 1e-6
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
     torch._dynamo.reset()
 
