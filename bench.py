@@ -423,17 +423,10 @@ def bench_head_memory(dev, wdtype):
           "before (includes the input gradients, same for both)")
 
 
-def official_bf16_kl(z_s, z_t, tau):
-    """L_KL as the official code computes it: bf16 logits [B, T, V], no autocast, so log_softmax and kl_div
-    (log_target, batchmean = sum / B) run in bf16 and so does their backward."""
-    log_q = F.log_softmax(z_s / tau, dim=-1)
-    log_p = F.log_softmax(z_t / tau, dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-
-
-def float_kl(z_s, z_t, tau, dtype):
-    """L_KL in `dtype` from the same logits (spec section 4): this project's float32 loss head, or float64 as
-    the reference both are compared with."""
+def kl_in(z_s, z_t, tau, dtype):
+    """L_KL (spec section 4) computed in `dtype` from the same logits [B, T, V]: log_softmax of both, kl_div with
+    log_target and batchmean (sum / B). bf16 is the official code's computation (bf16 logits, no autocast, so
+    the forward and its backward run in bf16); float32 this project's loss head; float64 the reference."""
     log_q = F.log_softmax(z_s.to(dtype) / tau, dim=-1)
     log_p = F.log_softmax(z_t.to(dtype) / tau, dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
@@ -456,11 +449,9 @@ def bench_kl_precision():
             z_s = z_t + gap * torch.randn(1, T, V, generator=g)
             z_t, z_s = z_t.bfloat16(), z_s.bfloat16()
             results = {}
-            for name, fn in (("f64", lambda s: float_kl(s, z_t, tau, torch.float64)),
-                             ("f32", lambda s: float_kl(s, z_t, tau, torch.float32)),
-                             ("bf16", lambda s: official_bf16_kl(s, z_t, tau))):
+            for name, dtype in (("f64", torch.float64), ("f32", torch.float32), ("bf16", torch.bfloat16)):
                 s = z_s.clone().requires_grad_()
-                loss = fn(s)
+                loss = kl_in(s, z_t, tau, dtype)
                 loss.backward()
                 results[name] = (loss.double().item(), s.grad.double())
                 del s, loss
