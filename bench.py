@@ -11,7 +11,9 @@ warm-up, for one shape:
       head), backward, clipping, AdamW over the projections and norms
   (d) the same step computed the way the reference implementation computes attention: the
       student's q/k/v per token as W @ (P @ x) instead of with generated weights
-and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on GPU, MFU.
+  (e) with --grad_accum=N > 1 (each variant's step then runs N micro-steps): (c) with the student weights
+      generated once per optimizer step (train.py's generate='step') instead of in every micro-step
+and prints ms/step, tokens/s, the floor ratios c/(a+b) and e/(a+b), c/d, peak memory and, on GPU, MFU.
 
   python bench.py --shape=mid                         # CPU-sized shape
   python bench.py --shape=qwen2.5-3b                  # one H100/H200: Qwen2.5-3B -> d_s 1200 at seq 2048
@@ -19,7 +21,9 @@ and prints ms/step, tokens/s, the floor ratio c/(a+b), c/d, peak memory and, on 
   python bench.py --head_mem=True                     # loss-head peak memory at V=151936, T=2048
   python bench.py --kl_precision=True --head_seq=256   # the official run's bf16 KL against float32, V=151936
   python bench.py --shape=mid --hidden_size=768 ...   # a shape's dims can be overridden one by one
+  python bench.py --shape=mid --grad_accum=4          # 4 micro-steps per step, and (e)
   python bench.py --plan config/lrc_4b.py --world_size=8 --gpu_mem_gib=80   # memory planner: what fits
+  python bench.py --flops                             # FLOPs of (a), (b), (c) at the presets' real shapes, no GPU
 
 The memory planner (--plan CONFIG [--key=value ...]: train.py's config and keys, plus --world_size,
 --gpu_mem_gib, --headroom, --teacher_config=FILE, --plan_micro_batch_sizes) estimates the peak memory per
@@ -43,6 +47,7 @@ import contextlib
 import gc
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -81,8 +86,9 @@ num_kv_heads = 0
 student_hidden = 0
 batch_size = 0
 seq_len = 0
-variants = "abcd"        # which of (a)..(d) to run
+variants = "abcde"       # which of (a)..(e) to run ((e) only with grad_accum > 1)
 checkpoint = False       # also time (c) with LRC(checkpoint_layers=True)
+grad_accum = 1           # micro-steps of batch_size x seq_len tokens per timed step, for every variant
 steps = 10               # timed steps per round
 warmup = 3               # untimed steps first (includes compilation)
 rounds = 0               # 0: 3 on CPU (variants interleaved round by round, against contention), 1 on GPU
@@ -101,6 +107,8 @@ head_batch = 1
 head_hidden = 0          # 0: 2048 on GPU (Qwen2.5-3B), 256 on CPU (memory does not depend on it)
 head_student_hidden = 0  # 0: 1200 on GPU, 128 on CPU
 kl_precision = False     # instead: how far the official run's bf16 KL is from the float32 one (head_vocab, head_seq)
+gpu_report = ""          # instead: write the GPU report (markdown) to this file (see "The GPU report" below)
+tiny = False             # gpu_report at tiny shapes, on any device: the report's own test on the CPU
 seed = 1337
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
@@ -224,18 +232,20 @@ class Variant:
 
 
 def build_variant(key, teacher, student_cfg, idx, targets, dev, amp, tie):
-    """Returns a Variant whose step() runs one full step. keep() lists the tensors it keeps."""
+    """Returns a Variant whose step() runs one full step of grad_accum micro-steps (train.py's optimizer step:
+    distributed.optimizer_step and micro_step). keep() lists the tensors it keeps."""
     maybe_compile = torch.compile if compile else (lambda f: f)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     T = idx.shape[1]
-    flops = model_flops_per_token(teacher.config, student_cfg, T, key[0])
+    flops = model_flops_per_token(teacher.config, student_cfg, T, "c" if key == "e" else key[0])
 
     if key == "a":
         forward = maybe_compile(teacher)
 
         def step():
-            with torch.inference_mode(), autocast():
-                forward(idx)
+            for _ in range(grad_accum):
+                with torch.inference_mode(), autocast():
+                    forward(idx)
         return Variant("a", "(a) teacher forward, inference mode", step, lambda: list(teacher.parameters()), flops)
 
     if key == "b":
@@ -253,12 +263,16 @@ def build_variant(key, teacher, student_cfg, idx, targets, dev, amp, tie):
         student = model
         loss_fn = maybe_compile(lrc_loss)
         label = {"c": "(c) LRC train step", "c_ckpt": "(c) LRC step, checkpoint_layers",
-                 "d": "(d) reference-style LRC step"}[key]
+                 "d": "(d) reference-style LRC step", "e": "(e) LRC step, generate=step"}[key]
+    generate = "step" if key == "e" else "micro_step"
 
     def step():
-        with autocast():
-            loss = loss_fn(student, idx, targets)
-        loss.backward()
+        with distributed.optimizer_step(student, generate, grad_accum):
+            for micro in range(grad_accum):
+                with distributed.micro_step(student, None, micro == grad_accum - 1):
+                    with autocast():
+                        loss = loss_fn(student, idx, targets)
+                    (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)  # no host sync
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -492,20 +506,27 @@ def build_teacher(config, dev, wdtype):
                 "student_hidden", "batch_size", "seq_len"):
         if config[key]:
             s[key] = config[key]
-    teacher_cfg = lrc.Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                                  intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
-                                  num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-                                  tie_word_embeddings=s["tie"], max_position_embeddings=max(s["seq_len"], 32768))
-    # random weights, built on the device directly in the weight dtype (no 2x copy of a 7B model)
+    teacher = random_teacher(s, dev, wdtype)
+    return s, teacher, lrc.student_shape(teacher.config, s["student_hidden"], s["tie"])
+
+
+def shape_config(s) -> lrc.ModelConfig:
+    return lrc.Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                           intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+                           num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                           tie_word_embeddings=s["tie"], max_position_embeddings=max(s["seq_len"], 32768))
+
+
+def random_teacher(s, dev, wdtype):
+    """Random weights, built on the device directly in the weight dtype (no 2x copy of a 7B model)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(wdtype)
     try:
         with torch.device(dev):
-            teacher = lrc.CausalLM(teacher_cfg)
+            teacher = lrc.CausalLM(shape_config(s))
     finally:
         torch.set_default_dtype(default_dtype)
-    teacher.requires_grad_(False).eval()
-    return s, teacher, lrc.student_shape(teacher_cfg, s["student_hidden"], s["tie"])
+    return teacher.requires_grad_(False).eval()
 
 
 def run_variants(keys, build, dev, n_rounds):
@@ -574,8 +595,9 @@ def report(done, dev, tokens_per_step, flops_c):
           ("; CPU ms = median CPU time of this process per step (all threads)" if cpu_col else ""))
     for name, t in stats.items():
         parts = []
-        if {"a", "b", "c"} <= t.keys():
-            parts.append(f"floor ratio c/(a+b) = {t['c'] / (t['a'] + t['b']):.3f}")
+        for lrc_step in ("c", "e"):
+            if {"a", "b", lrc_step} <= t.keys():
+                parts.append(f"floor ratio {lrc_step}/(a+b) = {t[lrc_step] / (t['a'] + t['b']):.3f}")
         if {"c", "d"} <= t.keys():
             parts.append(f"c/d = {t['c'] / t['d']:.3f}")
         if {"c", "c_ckpt"} <= t.keys():
@@ -584,8 +606,12 @@ def report(done, dev, tokens_per_step, flops_c):
             print(f"from {name:<16}: " + ", ".join(parts))
     if hasattr(os, "getloadavg"):
         print(f"load average at end {os.getloadavg()[0]:.2f} (above the thread count: timings contended)")
+    memory = {v.key: v.peak_bytes for v in done if v.peak_bytes is not None}
+    if {"c", "e"} <= memory.keys():
+        print(f"generate=step (e) holds {(memory['e'] - memory['c']) / 2**20:+.0f} MiB at its peak against (c): the "
+              f"weights of the step and their float32 gradient sums")
     print(f"model FLOPs/token: 2*teacher + 6*student matmul params + causal attention = {flops_c / 1e9:.3f} GFLOP "
-          "(c, d); reference LRC-1.7B: ~8.7k tokens/s per H800")
+          "(c, d, e); reference LRC-1.7B: ~8.7k tokens/s per H800")
 
 
 # -----------------------------------------------------------------------------
@@ -637,6 +663,8 @@ PLAN_KEYS = dict(plan=False, world_size=8, gpu_mem_gib=80.0, teacher_config="", 
 SETTINGS = [("ddp", False), ("fsdp", False), ("fsdp", True)]   # parallel, shard_teacher
 CHECKPOINTING = (False, True, "layer")                         # activation_checkpointing: off, student, layer
 AC_NAMES = {False: "off", True: "student", "layer": "layer"}
+GENERATE = ("step", "micro_step")                              # generate: once per optimizer step, every micro-step
+GENERATE_NAMES = {"step": "once", "micro_step": "micro"}
 PLAN_MICRO_BATCHES = (1, 2, 4, 8)
 COLUMNS = ("teacher", "trainable", "generated", "activations")
 
@@ -813,18 +841,19 @@ def plan_build(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, d
 
 
 def plan_step(state, micro_steps, cfg, tracker=None):
-    """One optimizer step as train.train_loop runs it: micro-steps of forward and backward under autocast,
-    the global-norm clip, AdamW, zero_grad(set_to_none=True)."""
+    """One optimizer step as train.train_loop runs it: the weights made once (generate='step'), micro-steps of
+    forward and backward under autocast, the global-norm clip, AdamW, zero_grad(set_to_none=True)."""
     model, params, optimizer = state["model"], state["params"], state["optimizer"]
     amp = torch.autocast("cpu", dtype=state["dtype"]) if state["dtype"] != torch.float32 else contextlib.nullcontext()
-    for micro in range(micro_steps):
-        with distributed.micro_step(model, None, micro == micro_steps - 1, cfg["fsdp_grad_sync"]):
-            with amp:
-                loss, _ = state["train_model"](*state["batch"])
-            (loss / micro_steps).backward()
-        del loss
-        if tracker is not None:
-            _label_fsdp_grads(tracker, model)
+    with distributed.optimizer_step(model, cfg["generate"], micro_steps):
+        for micro in range(micro_steps):
+            with distributed.micro_step(model, None, micro == micro_steps - 1, cfg["fsdp_grad_sync"]):
+                with amp:
+                    loss, _ = state["train_model"](*state["batch"])
+                (loss / micro_steps).backward()
+            del loss
+            if tracker is not None:
+                _label_fsdp_grads(tracker, model)
     distributed.clip_grad_norm(params, cfg["grad_clip"] or math.inf)
     if tracker is not None:
         tracker.label([p.grad for p in params], "trainable")
@@ -875,21 +904,19 @@ def estimate(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, mic
 @contextlib.contextmanager
 def _labelled_generation(tracker):
     """Storages made while the student's weights are generated (LRCLayer.generate, LRC.student_head) count
-    as generated weights."""
-    saved = lrc.LRCLayer.generate, lrc.LRC.student_head
+    as generated weights; so do generate='step''s weights and their float32 gradient sums (lrc.StepWeights)."""
+    saved = lrc.LRCLayer.generate, lrc.LRC.student_head, lrc.StepWeights.make
 
-    def generate(self, teacher):
-        with tracker.making("generated"):
-            return saved[0](self, teacher)
-
-    def student_head(self):
-        with tracker.making("generated"):
-            return saved[1](self)
-    lrc.LRCLayer.generate, lrc.LRC.student_head = generate, student_head
+    def labelled(method):
+        def run(*args):
+            with tracker.making("generated"):
+                return method(*args)
+        return run
+    lrc.LRCLayer.generate, lrc.LRC.student_head, lrc.StepWeights.make = map(labelled, saved)
     try:
         yield
     finally:
-        lrc.LRCLayer.generate, lrc.LRC.student_head = saved
+        lrc.LRCLayer.generate, lrc.LRC.student_head, lrc.StepWeights.make = saved
 
 
 def real_cpu_peak(teacher_cfg, cfg, parallel, ac, mbs, micro_steps, shard_teacher=False):
@@ -937,23 +964,26 @@ def layer_matmul_params(c: lrc.Qwen2Config) -> int:
     return matmul_params(c) - c.vocab_size * c.hidden_size
 
 
-def step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, grad_accum):
+def step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size, grad_accum, once=False):
     """(FLOPs per token, communication bytes per rank per optimizer step): arithmetic, to rank the settings that
     fit. FLOPs: the model FLOPs of MFU (2 x teacher + 6 x student matmul parameters + attention), plus generating
     the weights (W @ P forward and P's gradient backward, 4 * d_s FLOPs per teacher matmul parameter, once per
-    micro-step, so spread over mbs * seq_len tokens), plus what activation checkpointing recomputes: the student
-    layers (True), or whole layers (teacher layer, weight generation and student layer: 'layer'). Bytes: ring
+    micro-step, so spread over mbs * seq_len tokens, or with `once` (generate='step') once per optimizer step, over
+    grad_accum times as many), plus what activation checkpointing recomputes: the student layers (True), or whole
+    layers (teacher layer, the weight generation unless `once`, and student layer: 'layer'). Bytes: ring
     collectives move (N-1)/N of the data; DDP all-reduces float32 gradients once per step; FSDP2 gathers the bf16
     layers for forward and again for backward, the root once, and reduce-scatters float32 gradients every
     micro-step (fsdp_grad_sync='micro_step') or once; shard_teacher gathers the teacher the same way."""
     T, d, d_s = cfg["seq_len"], teacher_cfg.hidden_size, student_cfg.hidden_size
-    generate = 2 * d_s * matmul_params(teacher_cfg) / (mbs * T)      # one forward of W @ P per micro-step
+    tokens_per_generation = mbs * T * (grad_accum if once else 1)
+    generate = 2 * d_s * matmul_params(teacher_cfg) / tokens_per_generation   # one forward of W @ P
     flops = model_flops_per_token(teacher_cfg, student_cfg, T, "c") + 2 * generate
     if ac:
         flops += 2 * layer_matmul_params(student_cfg) + attention_flops(student_cfg, T)
     if ac == "layer":
         flops += 2 * layer_matmul_params(teacher_cfg) + attention_flops(teacher_cfg, T)
-        flops += generate * layer_matmul_params(teacher_cfg) / matmul_params(teacher_cfg)
+        if not once:
+            flops += generate * layer_matmul_params(teacher_cfg) / matmul_params(teacher_cfg)
     ring = (world_size - 1) / world_size
     layers = teacher_cfg.num_hidden_layers * (7 * d * d_s + 2 * d_s)   # the projections and norms of the layers
     root = (1 if cfg["tie_proj"] else 2) * d * d_s + d_s
@@ -968,7 +998,9 @@ def step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, 
 
 
 def plan(cfg, world_size, round_to=512, settings=SETTINGS, micro_batches=PLAN_MICRO_BATCHES, log=print):
-    """One row per setting: its estimate, whether the batch arithmetic allows it, and its costs."""
+    """One row per setting: its estimate, whether the batch arithmetic allows it, and its costs. A setting with
+    several micro-steps per optimizer step has two rows, the weights generated once per step (generate='step',
+    which also keeps their float32 gradient sums) and in every micro-step; with one micro-step the two are one."""
     teacher_cfg = plan_teacher_config(cfg)
     student_cfg = lrc.student_shape(teacher_cfg, cfg["student_hidden"], cfg["tie_proj"])
     dtype = torch.float32 if cfg["dtype"] == "fp32" else torch.bfloat16
@@ -980,15 +1012,17 @@ def plan(cfg, world_size, round_to=512, settings=SETTINGS, micro_batches=PLAN_MI
                     grad_accum, _ = train.schedule_length(dict(cfg, micro_batch_size=mbs), world_size)
                 except lrc.LRCError:
                     grad_accum = None  # estimated anyway (memory depends on the micro-batch), never recommended
-                t0 = time.perf_counter()
-                peak, parts = estimate(teacher_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size,
-                                       min(grad_accum or 1, 2), dtype, round_to)
-                flops, comm = step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs, world_size,
-                                         grad_accum or 1)
-                rows.append(dict(parallel=parallel, shard_teacher=shard_teacher, ac=ac, mbs=mbs, grad_accum=grad_accum,
-                                 peak=peak, parts=parts, flops=flops, comm=comm, seconds=time.perf_counter() - t0))
-                log(f"  simulated {setting_name(rows[-1]):<20} ac={AC_NAMES[ac]:<7} mbs={mbs}: "
-                    f"{peak / 2**30:.2f} GiB ({rows[-1]['seconds']:.1f} s)")
+                for generate in GENERATE if (grad_accum or 1) > 1 else ("micro_step",):
+                    t0 = time.perf_counter()
+                    peak, parts = estimate(teacher_cfg, dict(cfg, generate=generate), parallel, shard_teacher, ac, mbs,
+                                           world_size, min(grad_accum or 1, 2), dtype, round_to)
+                    flops, comm = step_costs(teacher_cfg, student_cfg, cfg, parallel, shard_teacher, ac, mbs,
+                                             world_size, grad_accum or 1, once=generate == "step")
+                    rows.append(dict(parallel=parallel, shard_teacher=shard_teacher, ac=ac, mbs=mbs,
+                                     grad_accum=grad_accum, generate=generate, peak=peak, parts=parts, flops=flops,
+                                     comm=comm, seconds=time.perf_counter() - t0))
+                    log(f"  simulated {setting_name(rows[-1]):<20} ac={AC_NAMES[ac]:<7} mbs={mbs} "
+                        f"generate={generate:<10}: {peak / 2**30:.2f} GiB ({rows[-1]['seconds']:.1f} s)")
     return teacher_cfg, rows
 
 
@@ -999,11 +1033,12 @@ def setting_name(row):
 def recommend(rows, gpu_bytes, headroom):
     """The fastest row that fits with headroom: the fewest FLOPs per token (to 3 significant digits: equal work
     is a tie), then the simplest parallel mode (DDP's one all-reduce per step overlaps the backward; FSDP2 adds
-    all-gathers that the forward waits for, and shard_teacher gathers the teacher too), then the fewest bytes."""
+    all-gathers that the forward waits for, and shard_teacher gathers the teacher too), then the fewest bytes,
+    then the fewest micro-steps (larger matmuls, fewer launches), then the lower peak."""
     fitting = [r for r in rows if r["grad_accum"] and r["peak"] <= (1 - headroom) * gpu_bytes]
     order = {setting: i for i, setting in enumerate(SETTINGS)}
     return min(fitting, key=lambda r: (float(f"{r['flops']:.3g}"), order[(r["parallel"], r["shard_teacher"])],
-                                       r["comm"])) if fitting else None
+                                       r["comm"], r["grad_accum"], r["peak"])) if fitting else None
 
 
 def plan_command(row, world_size, config_files, overrides, cfg):
@@ -1012,6 +1047,7 @@ def plan_command(row, world_size, config_files, overrides, cfg):
     settings = dict(parallel=row["parallel"], shard_teacher=row["shard_teacher"], activation_checkpointing=row["ac"],
                     micro_batch_size=row["mbs"])
     keys = [f"--{key}={value}" for key, value in settings.items() if value is not False or cfg[key] is not False]
+    keys += [f"--generate={row['generate']}"] if row["generate"] != cfg["generate"] else []
     keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
               f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
@@ -1027,17 +1063,20 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
           f"-> student_hidden {cfg['student_hidden']}; seq_len {cfg['seq_len']}, tokens_per_step "
           f"{cfg['tokens_per_step']:,}, {world_size} ranks x {gpu_gib:g} GiB ({100 * headroom:g}% headroom: "
           f"fits <= {budget / gib:.1f} GiB)")
-    print(f"{'parallel':<22}{'AC':<8}{'mbs':>4}{'accum':>6}{'teacher':>9}{'trainable':>10}{'generated':>10}"
+    print(f"{'parallel':<22}{'AC':<8}{'mbs':>4}{'accum':>6}{'gen':>6}{'teacher':>9}{'trainable':>10}{'generated':>10}"
           f"{'activ.':>9}{'peak GiB':>10}{'fits':>6}{'GFLOP/tok':>11}{'comm GB/step':>13}")
     for r in rows:
         fits = "n/a" if not r["grad_accum"] else ("yes" if r["peak"] <= budget else "no")
         print(f"{setting_name(r):<22}{AC_NAMES[r['ac']]:<8}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
+              f"{GENERATE_NAMES[r['generate']]:>6}"
               + "".join(f"{r['parts'][c] / gib:>{w}.2f}" for c, w in zip(COLUMNS, (9, 10, 10, 9)))
               + f"{r['peak'] / gib:>10.2f}{fits:>6}{r['flops'] / 1e9:>11.1f}{r['comm'] / 1e9:>13.1f}")
     print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that "
           "moment), trainable state (projections and norms, their gradients and AdamW moments, gathered copies), "
-          "generated student weights, activations and every other transient; AC = activation_checkpointing (student: "
-          "True, layer: 'layer'); accum = micro-steps per step ('-': tokens_per_step does not divide, n/a)")
+          "generated student weights (with generate='step' also their float32 gradient sums), activations and every "
+          "other transient; AC = activation_checkpointing (student: True, layer: 'layer'); accum = micro-steps per "
+          "step ('-': tokens_per_step does not divide, n/a); gen = student weights generated once per optimizer step "
+          "(generate='step') or in every micro-step")
     best = recommend(rows, gpu_gib * gib, headroom)
     if best is None:
         low = min(rows, key=lambda r: r["peak"])
@@ -1048,7 +1087,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
               f"(--gpu_mem_gib) or a shorter seq_len")
         return None
     print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
-          f"micro_batch_size {best['mbs']} ({best['peak'] / gib:.1f} GiB):")
+          f"micro_batch_size {best['mbs']}, generate {best['generate']} ({best['peak'] / gib:.1f} GiB):")
     print("  " + plan_command(best, world_size, config_files, overrides, cfg))
     return best
 
@@ -1071,7 +1110,7 @@ def plan_main(argv):
     config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
     overrides = [a for a in argv if a.startswith("--") and a != "--plan" and a.partition("=")[0][2:] not in
                  PLAN_KEYS and a.partition("=")[0][2:] not in ("parallel", "shard_teacher", "activation_checkpointing",
-                                                              "micro_batch_size")]
+                                                              "micro_batch_size", "generate")]
     print(f"torch {torch.__version__}: simulating one training step per setting under FakeTensorMode "
           f"(world size {cfg['world_size']}, rank 0)")
     teacher_cfg, rows = plan(cfg, cfg["world_size"], micro_batches=micro_batches)
@@ -1080,10 +1119,279 @@ def plan_main(argv):
     return rows, best
 
 
+# -----------------------------------------------------------------------------
+# FLOPs at the real shapes: python bench.py --flops [CONFIG ...] [--key=value ...]
+#
+# torch.utils.flop_counter.FlopCounterMode counts every matmul and attention call by its shapes. Under
+# FakeTensorMode the tensors have shapes and no memory, so one optimizer step of a 3B or 7B teacher is counted on
+# any CPU in seconds. (a), (b) and (c) as in the timed benchmark, one optimizer step of grad_accum micro-steps of
+# micro_batch_size x seq_len tokens each, built as train.py builds them (plan_build, plan_step), without activation
+# checkpointing (which adds its recomputation; see the planner). The hand formula beside each count is written
+# independently of the code, from the shapes (hand_flops); they agree to the FLOP.
+
+FLOPS_KEYS = dict(flops=False, teacher_config="", flops_grad_accum="1,8")
+FLOPS_PRESETS = ("config/lrc_1.7b.py", "config/lrc_4b.py")
+
+
+def _count_cpu_attention():
+    """FlopCounterMode knows the CUDA attention kernels; on the CPU F.scaled_dot_product_attention runs
+    aten._scaled_dot_product_flash_attention_for_cpu, which does the same work: count it the same way."""
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def counted_flops(teacher_cfg, cfg, grad_accum, generate):
+    """{'a', 'b', 'c'}: FLOPs of one optimizer step, counted under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    _count_cpu_attention()
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+    with FakeTensorMode():
+        state = plan_build(teacher_cfg, cfg, "ddp", False, False, cfg["micro_batch_size"], 1, torch.bfloat16)
+        x, y = state["batch"]
+        with torch.device("cpu"):
+            student = lrc.CausalLM(lrc.student_shape(teacher_cfg, cfg["student_hidden"], cfg["tie_proj"]))
+        with torch.no_grad():
+            teacher_forward = count(lambda: state["model"].teacher(x))
+        student_step = count(lambda: plain_student_loss(student, x, y).backward())
+        lrc_step = count(lambda: plan_step(state, grad_accum, dict(cfg, generate=generate)))
+    return {"a": grad_accum * teacher_forward, "b": grad_accum * student_step, "c": lrc_step}
+
+
+def hand_flops(teacher_cfg, cfg, grad_accum, generate):
+    """The same three numbers from the shapes alone. Per token: (a) 2 x teacher matmul params + attention, (b)
+    6 x student matmul params + 3.5 x attention (forward, and backward: 2.5 x forward, as a flash kernel
+    recomputes QK^T), with attention QK^T and AV over all T keys (4 * L * H * hd * T, as the counter counts it:
+    a causal kernel skips half of it; the MFU formula counts causal attention and 3 x for training). (c) = a + b +
+    the LRC work: the embedding's projection x_t @ P_emb and its gradient (4 d d_s), the clone loss's o and down
+    terms (teacher outputs brought to d_s by P_o / P_down, and their gradients: 4 d d_s each; clone_attn_out=
+    'teacher' computes a_s @ W_o.T and its input gradient instead: 4 d H hd), and per generation of the weights
+    W @ P and W.T @ dW_S, 4 d_s per teacher matmul parameter: once per micro-step, or once (generate='step')."""
+    student_cfg = lrc.student_shape(teacher_cfg, cfg["student_hidden"], cfg["tie_proj"])
+    T, d, d_s, L = cfg["seq_len"], teacher_cfg.hidden_size, student_cfg.hidden_size, teacher_cfg.num_hidden_layers
+    tokens = cfg["micro_batch_size"] * T * grad_accum
+
+    def attention(c):
+        return 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+    a = tokens * (2 * matmul_params(teacher_cfg) + attention(teacher_cfg))
+    b = tokens * (6 * matmul_params(student_cfg) + 3.5 * attention(student_cfg))
+    terms = lrc.clone_terms_of(cfg["clone_terms"]) if cfg["alpha"] != 0 else ()
+    o_term = 4 * d * teacher_cfg.num_attention_heads * teacher_cfg.head_dim if cfg["clone_attn_out"] == "teacher" \
+        else 4 * d * d_s
+    lrc_per_token = 4 * d * d_s + L * (o_term * ("o" in terms) + 4 * d * d_s * ("down" in terms))
+    generations = 1 if generate == "step" and grad_accum > 1 else grad_accum
+    return {"a": a, "b": b, "c": a + b + tokens * lrc_per_token + generations * 4 * d_s * matmul_params(teacher_cfg)}
+
+
+def flops_main(argv):
+    keys = Keys(dict(train.KEYS.defaults, **FLOPS_KEYS), optional=train.KEYS.optional, choices=train.KEYS.choices,
+                exclusive=train.KEYS.exclusive, flags=("flops",), where_listed="DEFAULTS in train.py and FLOPS_KEYS "
+                "in bench.py")
+    files = [a for a in argv if not a.startswith("--")] or list(FLOPS_PRESETS)
+    overrides = [a for a in argv if a.startswith("--")]
+    try:
+        grad_accums = [int(g) for g in keys.parse(overrides, doc=__doc__)["flops_grad_accum"].split(",")]
+    except ValueError:
+        grad_accums = []
+    if not grad_accums or min(grad_accums) < 1:
+        raise lrc.LRCError("--flops_grad_accum must be a list of micro-step counts like 1,8")
+    print(f"torch {torch.__version__}: FLOPs of one optimizer step, counted by FlopCounterMode under FakeTensorMode "
+          f"(TFLOP; a = teacher forward, b = plain student train step, c = LRC train step; no activation checkpointing)")
+    print(f"{'preset':<22}{'teacher -> d_s':<34}{'B x T':>10}{'accum':>6}  {'generate':<11}{'(a)':>8}{'(b)':>8}"
+          f"{'(c)':>8}{'c-(a+b)':>9}{'c/(a+b)':>9}  hand formula")
+    results = []
+    for file in files:
+        cfg = keys.parse([file, *overrides], doc=__doc__)
+        teacher_cfg = plan_teacher_config(cfg)
+        for grad_accum in grad_accums:
+            for generate in GENERATE[::-1]:
+                t0 = time.perf_counter()
+                counted = counted_flops(teacher_cfg, cfg, grad_accum, generate)
+                hand = hand_flops(teacher_cfg, cfg, grad_accum, generate)
+                ratio = counted["c"] / (counted["a"] + counted["b"])
+                agree = "equal" if counted == hand else \
+                    "differs: " + ", ".join(f"{k} {counted[k] / hand[k] - 1:+.2e}" for k in "abc" if counted[k] != hand[k])
+                shape = f"{cfg['teacher'].split('/')[-1]} -> {cfg['student_hidden']}"
+                print(f"{os.path.basename(file):<22}{shape:<34}{cfg['micro_batch_size']:>4} x {cfg['seq_len']:<4}"
+                      f"{grad_accum:>6}  {generate:<11}" + "".join(f"{counted[k] / 1e12:>8.1f}" for k in "abc")
+                      + f"{(counted['c'] - counted['a'] - counted['b']) / 1e12:>9.1f}{ratio:>9.3f}  {agree} "
+                      f"({time.perf_counter() - t0:.0f} s)")
+                results.append(dict(file=file, grad_accum=grad_accum, generate=generate, counted=counted, hand=hand,
+                                    ratio=ratio))
+    print("c/(a+b) = the floor ratio by FLOPs. Attention is counted over all T keys, as FlopCounterMode counts it; a "
+          "causal kernel (and the MFU formula) does half of it")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The GPU report: python bench.py --gpu_report=OUT.md (one GPU, under 10 minutes; --tiny: the same on the CPU)
+#
+# For the real shapes of both released students it writes random-init teachers with lrc.save_model and reads
+# them back with lrc.load_model (the path of a hub checkpoint, with no hub), times (a), (b), (c) and (c) with
+# checkpoint_layers at micro-batches of 1, 2 and 4 x 2048 tokens, one at a time next to the teacher (a row that
+# runs out of memory says so), and sets each (c)'s peak memory beside the planner's estimate of the same step
+# (estimate(): ddp, one rank, one micro-step), computed meanwhile in other processes on the CPU. Eager unless
+# --compile=True is given with --gpu_report: compiling every row would not fit the 10 minutes.
+
+REPORT_SHAPES = ("qwen2.5-3b", "qwen2.5-7b")
+TINY_SHAPES = {  # the same two kinds of student, tied and untied, small enough for a CPU test
+    "tiny-tied": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, student_hidden=32, tie=True, seq_len=64),
+    "tiny-untied": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, student_hidden=48, tie=False, seq_len=64),
+}
+REPORT_VARIANTS = ("a", "b", "c", "c_ckpt")
+
+
+def planned_peak(teacher_config: dict, student_hidden, tie, seq_len, mbs, checkpoint_layers, dtype_name):
+    """The planner's peak bytes for bench's (c) step (one process in a pool: top level, plain arguments)."""
+    torch.set_num_threads(1)  # fake tensors compute nothing; the cores are the timed process's
+    cfg = train.make_config(dict(student_hidden=student_hidden, tie_proj=tie, seq_len=seq_len, micro_batch_size=mbs,
+                                 tokens_per_step=seq_len * mbs, lr=lr, grad_clip=grad_clip))
+    peak, _ = estimate(lrc.ModelConfig.from_dict(teacher_config), cfg, "ddp", False, checkpoint_layers, mbs, 1, 1,
+                       lrc.as_dtype(dtype_name))
+    return peak
+
+
+def report_teacher(s, dev, wdtype, directory):
+    """A random-init teacher of shape s, saved and loaded back as a real checkpoint (no hub)."""
+    teacher = random_teacher(s, dev, wdtype)
+    lrc.save_model(teacher, directory)
+    del teacher
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    loaded = lrc.load_model(directory, dev, wdtype).requires_grad_(False).eval()
+    shutil.rmtree(directory)  # 15 GB for the 7B teacher
+    return loaded
+
+
+def bench_gpu_report(dev, wdtype, amp, out_path):
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+    shapes = TINY_SHAPES if tiny else {name: SHAPES[name] for name in REPORT_SHAPES}
+    batches = (1, 2) if tiny else (1, 2, 4)
+    dtype_name = str(wdtype).removeprefix("torch.")
+    peak_flops = peak_tflops or (gpu_peak_tflops(dev)[0] if dev.type == "cuda" else 0.0)
+    t_start = time.perf_counter()
+    rows, planned = [], {}
+    workers = max(1, min(len(shapes) * len(batches) * 2, (os.cpu_count() or 2) - 2))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tempfile.TemporaryDirectory(prefix="lrc-gpu-report-") as scratch:
+        for name, s in shapes.items():
+            teacher_cfg = shape_config(s)
+            for B in batches:
+                for key in ("c", "c_ckpt"):
+                    planned[name, B, key] = pool.submit(planned_peak, teacher_cfg.to_dict(), s["student_hidden"],
+                                                        s["tie"], s["seq_len"], B, key == "c_ckpt", dtype_name)
+        for name, s in shapes.items():
+            t0 = time.perf_counter()
+            teacher = report_teacher(s, dev, wdtype, os.path.join(scratch, name))
+            print(f"{name}: teacher saved and loaded in {time.perf_counter() - t0:.0f} s")
+            student_cfg = lrc.student_shape(teacher.config, s["student_hidden"], s["tie"])
+            for B in batches:
+                g = torch.Generator(device=dev).manual_seed(seed)
+                tokens = torch.randint(teacher.config.vocab_size, (B, s["seq_len"] + 1), device=dev, generator=g)
+                idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+                done = {v.key: v for v in run_variants(list(REPORT_VARIANTS), lambda key: build_variant(
+                    key, teacher, student_cfg, idx, targets, dev, amp, s["tie"]), dev, 1)}
+                for key in REPORT_VARIANTS:
+                    v = done.get(key)
+                    row = dict(shape=name, B=B, key=key, label=REPORT_LABELS[key], ms=None, tokens_s=None, mfu=None,
+                               peak=None if v is None else v.peak_bytes)
+                    if v is not None:
+                        seconds = statistics.median(v.times)
+                        row.update(ms=1e3 * seconds, tokens_s=B * s["seq_len"] / seconds)
+                        if peak_flops:
+                            row["mfu"] = v.flops_per_token * row["tokens_s"] / (peak_flops * 1e12)
+                    rows.append(row)
+            del teacher
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        for row in rows:
+            future = planned.get((row["shape"], row["B"], row["key"]))
+            row["planned"] = future.result() if future is not None else None
+    text = report_markdown(rows, shapes, dev, wdtype, time.perf_counter() - t_start)
+    with lrc.atomic_file(out_path) as f:
+        f.write(text)
+    print(text)
+    return rows
+
+
+REPORT_LABELS = {"a": "(a) teacher forward", "b": "(b) plain student step", "c": "(c) LRC step",
+                 "c_ckpt": "(c) LRC step, checkpoint_layers"}
+
+
+def amp_on(dev, wdtype):
+    return dev.type == "cuda" and wdtype != torch.float32
+
+
+def report_markdown(rows, shapes, dev, wdtype, seconds):
+    mib = 2**20
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    cuda = f", CUDA {torch.version.cuda}" if dev.type == "cuda" else ""
+    kind = "tiny teachers" if tiny else "teachers of the released models' configs"
+    measured = "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "the CPU allocator's events"
+    lines = [f"# lrc GPU report: {machine}", "",
+             f"`python bench.py --gpu_report=OUT.md{' --tiny=True' if tiny else ''}` on {machine}, torch "
+             f"{torch.__version__}{cuda}, {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min in all. Random-init "
+             f"{kind}, written with `lrc.save_model` and read with `lrc.load_model`; weights "
+             f"{str(wdtype).removeprefix('torch.')}, float32 projections and masters"
+             f"{', bf16 autocast' if amp_on(dev, wdtype) else ''}; {'compiled' if compile else 'eager'}; one "
+             f"micro-step per step; {warmup} warm-up and {steps} timed steps per row (median); peak = what the "
+             f"variant keeps + the most allocated during a step ({measured}); planned = `bench.py --plan`'s "
+             f"estimate of the same step (ddp, one rank). MFU: model FLOPs (2 x teacher + 6 x student matmul "
+             f"parameters + causal attention) against the GPU's dense bf16 peak.", ""]
+    for name, s in shapes.items():
+        lines += [f"## {name} -> {s['student_hidden']} ({'tied' if s['tie'] else 'untied'}), B x {s['seq_len']} tokens",
+                  "", "| B | variant | ms/step | tokens/s | MFU | peak MiB | planned MiB | planned / peak |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["shape"] == name):
+            if r["ms"] is None:
+                timing = "out of memory | | |"
+            else:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+                timing = f"{r['ms']:.1f} | {r['tokens_s']:,.0f} | {mfu} |"
+            peak = f"{r['peak'] / mib:,.1f}" if r["peak"] else "-"
+            plan = f"{r['planned'] / mib:,.1f}" if r["planned"] else ""
+            ratio = f"{r['planned'] / r['peak']:.3f}" if r["planned"] and r["peak"] else ""
+            lines.append(f"| {r['B']} | {r['label']} | {timing} {peak} | {plan} | {ratio} |")
+        by = {(r["B"], r["key"]): r for r in rows if r["shape"] == name and r["ms"] is not None}
+        ratios = [f"B={B} {by[B, 'c']['ms'] / (by[B, 'a']['ms'] + by[B, 'b']['ms']):.3f}" for B in sorted({b for b, _ in by})
+                  if {(B, "a"), (B, "b"), (B, "c")} <= by.keys()]
+        lines += ["", f"Floor ratio c/(a+b) by time: {', '.join(ratios) or 'n/a'}."]
+        best = max((r for r in rows if r["shape"] == name and r["key"] == "c" and r["mfu"] is not None),
+                   key=lambda r: r["mfu"], default=None)
+        if best is not None:
+            lines.append(f"Best MFU of (c): {100 * best['mfu']:.1f}% at B={best['B']} ({best['tokens_s']:,.0f} tokens/s; "
+                         f"the reference LRC-1.7B run: ~8.7k tokens/s per H800).")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--plan" in argv:
         plan_main(argv)
+        return None
+    if "--flops" in argv or "--flops=True" in argv:
+        flops_main([a for a in argv if a not in ("--flops", "--flops=True")])
         return None
     config = Keys(_DEFAULTS, where_listed="the config block at the top of bench.py").parse(argv, doc=__doc__)
     globals().update(config)
@@ -1098,6 +1406,11 @@ def main(argv=None):
         return bench_head_memory(dev, wdtype)
     if kl_precision:
         return bench_kl_precision()
+    if gpu_report:
+        if "--compile=True" not in argv:
+            globals()["compile"] = False  # eager unless asked: see "The GPU report"
+        bench_gpu_report(dev, wdtype, amp, gpu_report)
+        return None
 
     s, teacher, student_cfg = build_teacher(config, dev, wdtype)
     teacher_cfg, B, T = teacher.config, s["batch_size"], s["seq_len"]
@@ -1105,17 +1418,18 @@ def main(argv=None):
     tokens = torch.randint(teacher_cfg.vocab_size, (B, T + 1), device=dev, generator=g)
     idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     n_rounds = rounds or (1 if dev.type == "cuda" else 3)
-    keys = [k for k in "abcd" if k in variants] + (["c_ckpt"] if checkpoint else [])
+    keys = [k for k in "abcde" if k in variants and (k != "e" or grad_accum > 1)] + (["c_ckpt"] if checkpoint else [])
     print(f"shape {shape}: V={teacher_cfg.vocab_size} d={teacher_cfg.hidden_size} f={teacher_cfg.intermediate_size} "
           f"L={teacher_cfg.num_hidden_layers} H={teacher_cfg.num_attention_heads} Hkv={teacher_cfg.num_key_value_heads} "
           f"hd={teacher_cfg.head_dim} tied={teacher_cfg.tie_word_embeddings} -> d_s={student_cfg.hidden_size}; "
-          f"B={B} T={T} ({B * T} tokens/step); matmul params teacher {matmul_params(teacher_cfg) / 1e6:.1f}M, "
+          f"B={B} T={T} x {grad_accum} micro-steps ({B * T * grad_accum} tokens/step); matmul params teacher "
+          f"{matmul_params(teacher_cfg) / 1e6:.1f}M, "
           f"student {matmul_params(student_cfg) / 1e6:.1f}M")
     print(f"{warmup} warm-up + {n_rounds} round(s) x {steps} timed steps per variant; "
           f"load average at start {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
     done = run_variants(keys, lambda key: build_variant(key, teacher, student_cfg, idx, targets, dev, amp, s["tie"]),
                         dev, n_rounds)
-    report(done, dev, B * T, model_flops_per_token(teacher_cfg, student_cfg, T, "c"))
+    report(done, dev, B * T * grad_accum, model_flops_per_token(teacher_cfg, student_cfg, T, "c"))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,27 @@ def module_names(model, model_state):
     return {name: name_in_model[id(tensor)] for name, tensor in model_state.items()}
 
 
+def run_identity(cfg, teacher, teacher_dir, teacher_config, student_config, init_dir, data) -> dict:
+    """What a resumed run must match (check_resumable), recorded in every state.json: the method, the teacher as
+    given with its config and weights' fingerprint (none for scratch), the student's shape, the data's sources."""
+    distilled = teacher_config is not None and cfg["method"] != "scratch"
+    return {"method": cfg["method"], "teacher": teacher, "sampler": cfg["sampler"],
+            "teacher_config": teacher_config.to_dict() if distilled else None,
+            "teacher_fingerprint": teacher_fingerprint(teacher_dir) if distilled else None,
+            "student_config": student_config.to_dict(), "student_hidden": cfg["student_hidden"],
+            "tie_proj": cfg["tie_proj"], "init_from": cfg["init_from"],
+            "init_from_path": os.path.abspath(init_dir) if init_dir else None,
+            "data_sources": [len(s.train_tokens) for s in data.sources]}
+
+
+def run_state(step, tokens_seen, identity, cfg, teacher, device, data, **run) -> dict:
+    """state.json of a checkpoint at `step`: the run's identity, where its teacher is (a copied run finds it),
+    its whole config, the RNG states, how the data was read (data: loader.Mixture.record) and `run`'s facts
+    (max_steps, world_size, grad_accum)."""
+    return {"step": step, "tokens_seen": tokens_seen, **identity, **run, **teacher_location(teacher, cfg["out_dir"]),
+            "config": dict(cfg, resume=False), "rng": rng_state(device), "data": data, "lrc_version": 1}
+
+
 def save_checkpoint(out_dir, step, model_state, optimizer_state, state, keep_last):
     """Write OUT_DIR/ckpt_{step:08d} atomically (the same step saved again is swapped in whole), then
     delete all but the keep_last newest checkpoints. Returns the checkpoint's path."""

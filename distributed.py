@@ -16,13 +16,13 @@ The root unit holds the rest: P_emb, P_lm, the final norm (and the teacher's emb
 The baselines and SFT train a plain student: each of its blocks is a unit.
 """
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from lrc import LRCError
+from lrc import LRC, LRCError
 
 PARALLEL = ("ddp", "fsdp")
 GRAD_SYNC = ("micro_step", "step")
@@ -192,12 +192,40 @@ def wrap(model, processes: Processes, use_compile: bool, parallel="ddp", shard_t
     return train_model, ddp
 
 
+def generates_once(model, generate, micro_steps) -> bool:
+    """generate='step' makes an LRC student's weights once per optimizer step; with one micro-step per optimizer
+    step that is what 'micro_step' does, which keeps no gradient sums."""
+    return generate == "step" and micro_steps > 1 and isinstance(model, LRC)
+
+
+def optimizer_step(model, generate, micro_steps):
+    """The context of one optimizer step's micro-steps. With generate='step' (lrc.LRC.generated_once) every student
+    weight is made on entry, once for all the micro-steps, one FSDP2 unit gathered at a time."""
+    return model.generated_once(gathered) if generates_once(model, generate, micro_steps) else nullcontext()
+
+
+@contextmanager
+def gathered(module):
+    """A module's parameters whole inside the block: FSDP2 all-gathers its unit, and reshards it after."""
+    if not is_sharded(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def micro_step(model, ddp, last, grad_sync="micro_step"):
     """The context of one micro-step's forward and backward. DDP all-reduces only on the last micro-step
     (no_sync before). FSDP2 with grad_sync='micro_step' reduce-scatters every micro-step, so gradients stay
     sharded (1/world_size of float32 gradients per rank); 'step' keeps an unsharded float32 gradient of every
     projection on each rank until the last micro-step and reduce-scatters once (fewer collectives, the
-    memory of DDP's gradients)."""
+    memory of DDP's gradients). With generate='step' the last micro-step's backward also forms the projections'
+    gradients of the whole step (lrc.FinishGeneration), before they are all-reduced or reduce-scattered."""
+    if hasattr(model, "last_micro_step"):  # lrc.LRC
+        model.last_micro_step = last
     if ddp is not None:
         return ddp.no_sync() if not last else nullcontext()
     if is_sharded(model) and grad_sync == "step":

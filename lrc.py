@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
@@ -410,41 +410,51 @@ class DistillHead(torch.autograd.Function):
         """h_s [N,d_s], W_s [V,d_s]: student; h_t [N,d], W_t [V,d]: teacher, or None for no KL;
         targets [N], -1 = ignore; N = B*T positions. Returns (L_KL + L_LM, L_KL, L_LM); the gradient
         of the first is computed here, chunk by chunk, and only scaled in backward."""
-        n_valid = (targets >= 0).sum().clamp(min=1).float()
-        kl_sum = torch.zeros((), device=h_s.device)
-        nll_sum = torch.zeros((), device=h_s.device)
-        grad_h = torch.empty_like(h_s) if need_grad else None
-        grad_W = torch.zeros(W_s.shape, device=W_s.device, dtype=torch.float32) if need_grad else None
-        for start in range(0, h_s.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = (h_s[rows] @ W_s.T).float()                      # [n, V]
-            tgt = targets[rows]
-            valid = tgt >= 0
-            log_q = torch.log_softmax(logits, dim=-1)
-            # in place where a value is used for the last time, freed as soon as done: each [n, V]
-            # temporary is memory (at most four are alive at once)
-            log_q_tau = torch.log_softmax(logits.div_(tau), dim=-1) if h_t is not None else None
-            del logits
-            nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
-            if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
-                grad = log_q.exp_()
-                # the one-hot as a scatter, not boolean indexing: no host sync on GPU; rows
-                # with no target add -0.0 (a no-op) and are zeroed by the next line anyway
-                grad.scatter_add_(1, tgt.clamp(min=0)[:, None], -valid[:, None].to(grad.dtype))
-                grad *= valid[:, None] / n_valid
-            del log_q
-            if h_t is not None:
-                log_p = torch.log_softmax((h_t[rows] @ W_t.T).float().div_(tau), dim=-1)
-                p = log_p.exp()
-                kl_sum += log_p.sub_(log_q_tau).mul_(p).sum()
-                if need_grad:  # d L_KL / d logits = (softmax(z_s / tau) - p) / (tau * B)
-                    grad += log_q_tau.exp_().sub_(p).div_(tau * batch_size)
-                del log_p, log_q_tau, p
-            if need_grad:
-                grad_h[rows] = (grad.to(W_s.dtype) @ W_s).to(h_s.dtype)
-                grad_W += grad.T @ h_s[rows].float()
-                del grad
-        kl, lm = kl_sum / batch_size, nll_sum / n_valid
+        # Autocast is turned off in here and the dtype of every matmul is written out: the logits in autocast's
+        # dtype when it is on (bf16 on GPU, as F.linear would run them; else the inputs' dtype), softmax, the
+        # losses and grad_W in float32. Left on, autocast would run grad_W's float32 product in bf16 (undoing
+        # the .float() and making a second bf16 copy of each [n, V] grad chunk) and, for a float32 W_s (kd,
+        # scratch, sft), cast W_s.T to bf16 again in every chunk. backward has no matmul: autocast is moot there.
+        device = h_s.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            W_c = W_s.to(dtype or W_s.dtype)                          # cast once, not per chunk
+            W_tc = W_t.to(dtype or W_t.dtype) if h_t is not None else None
+            n_valid = (targets >= 0).sum().clamp(min=1).float()
+            kl_sum = torch.zeros((), device=h_s.device)
+            nll_sum = torch.zeros((), device=h_s.device)
+            grad_h = torch.empty_like(h_s) if need_grad else None
+            grad_W = torch.zeros(W_s.shape, device=W_s.device, dtype=torch.float32) if need_grad else None
+            for start in range(0, h_s.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = (h_s[rows].to(W_c.dtype) @ W_c.T).float()    # [n, V]
+                tgt = targets[rows]
+                valid = tgt >= 0
+                log_q = torch.log_softmax(logits, dim=-1)
+                # in place where a value is used for the last time, freed as soon as done: each [n, V]
+                # temporary is memory (at most four are alive at once)
+                log_q_tau = torch.log_softmax(logits.div_(tau), dim=-1) if h_t is not None else None
+                del logits
+                nll_sum += -(log_q.gather(1, tgt.clamp(min=0)[:, None])[:, 0] * valid).sum()
+                if need_grad:  # d L_LM / d logits = (softmax(z_s) - onehot) / n_valid
+                    grad = log_q.exp_()
+                    # the one-hot as a scatter, not boolean indexing: no host sync on GPU; rows
+                    # with no target add -0.0 (a no-op) and are zeroed by the next line anyway
+                    grad.scatter_add_(1, tgt.clamp(min=0)[:, None], -valid[:, None].to(grad.dtype))
+                    grad *= valid[:, None] / n_valid
+                del log_q
+                if h_t is not None:
+                    log_p = torch.log_softmax((h_t[rows].to(W_tc.dtype) @ W_tc.T).float().div_(tau), dim=-1)
+                    p = log_p.exp()
+                    kl_sum += log_p.sub_(log_q_tau).mul_(p).sum()
+                    if need_grad:  # d L_KL / d logits = (softmax(z_s / tau) - p) / (tau * B)
+                        grad += log_q_tau.exp_().sub_(p).div_(tau * batch_size)
+                    del log_p, log_q_tau, p
+                if need_grad:
+                    grad_h[rows] = (grad.to(W_c.dtype) @ W_c).to(h_s.dtype)
+                    grad_W += grad.T @ h_s[rows].float()              # float32 (TF32 on GPU: train.py allows it)
+                    del grad
+            kl, lm = kl_sum / batch_size, nll_sum / n_valid
         ctx.save_for_backward(grad_h, grad_W)
         ctx.W_dtype = W_s.dtype
         ctx.mark_non_differentiable(kl, lm)
@@ -499,6 +509,7 @@ def student_shape(teacher_config: ModelConfig, student_hidden: int, tie_proj: bo
 
 INPUT_SIDE = ("P_q", "P_k", "P_v", "P_gate", "P_up")   # [d, d_s]: W_S = W @ P
 OUTPUT_SIDE = ("P_o", "P_down")                         # [d_s, d]: W_S = P @ W
+GENERATED = {"q": "P_q", "k": "P_k", "v": "P_v", "o": "P_o", "gate": "P_gate", "up": "P_up", "down": "P_down"}
 # the seven terms of L_clone (spec section 4), by the activation they compare: q, k, v (before RoPE), the
 # attention output o, gate (before SiLU), up, and the FFN output down; "attn" and "ffn" name the two halves
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -518,32 +529,100 @@ def clone_terms_of(spec) -> tuple:
     return tuple(t for t in CLONE_TERMS if t in chosen)
 
 
+def project(W, P, input_side: bool):
+    """One generated weight, in W's dtype: W @ P (input side) or P @ W (output side)."""
+    P = P.to(W.dtype)
+    return W @ P if input_side else P @ W
+
+
+# Generating once per optimizer step (generate='step', spec section 3). The projections change only at
+# optimizer.step(), so every micro-step of one optimizer step uses the same student weights. generate='micro_step'
+# makes them in every forward and forms dP = W.T @ dW_S in every backward. generate='step' makes them once,
+# before the first micro-step (LRC.generate_for_step); each micro-step's backward adds its dW_S to a float32
+# sum, and the last one forms dP from the whole sum, in the backward where DDP all-reduces and FSDP2
+# reduce-scatters the projections' gradients. W.T @ sum_m dW_m = sum_m W.T @ dW_m: the same gradients to
+# rounding, for 2 weight-sized matmuls per weight and step instead of 2 x grad_accum.
+
+class StepWeights:
+    """The generated weights of one module for the current optimizer step: name -> W_S [out, in] in the
+    compute dtype, a leaf that every micro-step's forward reads, and the float32 sum of the gradients the
+    micro-steps' backwards gave it (a hook moves each one there). Kept from step to step, refilled in place."""
+
+    def __init__(self):
+        self.weights, self.grad_sums = {}, {}
+
+    def make(self, name, made):
+        """This step's value of a weight (made under no_grad); its gradient sum starts again from zero."""
+        if name not in self.weights:
+            weight = made.detach().requires_grad_()
+            grad_sum = torch.zeros(made.shape, dtype=torch.float32, device=made.device)
+            weight.register_post_accumulate_grad_hook(lambda w, grad_sum=grad_sum: _move_grad(w, grad_sum))
+            self.weights[name], self.grad_sums[name] = weight, grad_sum
+        else:
+            self.weights[name].detach().copy_(made)
+            self.grad_sums[name].zero_()
+
+    def read(self, name, W, P, input_side, last_micro_step):
+        """W_S for a micro-step's forward: the leaf; in the last micro-step, the same values through
+        FinishGeneration, whose backward forms the projection's gradient of the whole step."""
+        if not last_micro_step:
+            return self.weights[name]
+        return FinishGeneration.apply(self.weights[name].detach(), self.grad_sums[name], W, P, input_side)
+
+
+def _move_grad(weight, grad_sum):  # after each backward into a StepWeights leaf: its gradient joins the sum
+    if weight.grad is not None:  # None: a compiled last micro-step, which reads the leaf only through detach()
+        grad_sum += weight.grad
+        weight.grad = None
+
+
+class FinishGeneration(torch.autograd.Function):
+    """The last micro-step's W_S. Forward: the weight made at the step's start, as is (nothing is recomputed).
+    Backward: this micro-step's dW_S plus the earlier ones' sum, through the projection once: dP = W.T @ sum
+    (input side) or sum @ W.T (output side), a matmul in W's dtype as in generate='micro_step'."""
+
+    @staticmethod
+    def forward(ctx, made, grad_sum, W, P, input_side):
+        ctx.save_for_backward(grad_sum, W)
+        ctx.input_side, ctx.P_dtype = input_side, P.dtype
+        return made.view_as(made)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_sum, W = ctx.saved_tensors
+        total = (grad_sum + grad).to(W.dtype)
+        grad_P = W.T @ total if ctx.input_side else total @ W.T
+        return None, None, None, grad_P.to(ctx.P_dtype), None
+
+
 class LRCLayer(nn.Module):
-    def __init__(self, d, d_s, init_std):
+    def __init__(self, d, d_s, init_std, device=None):
         super().__init__()
+        # drawn by the CPU's generator, then moved: the same seed gives the same student on any device
         for name in INPUT_SIDE:
-            setattr(self, name, nn.Parameter(torch.randn(d, d_s) * init_std))
+            setattr(self, name, nn.Parameter((torch.randn(d, d_s) * init_std).to(device)))
         for name in OUTPUT_SIDE:
-            setattr(self, name, nn.Parameter(torch.randn(d_s, d) * init_std))
-        self.attn_norm = nn.Parameter(torch.ones(d_s))
-        self.ffn_norm = nn.Parameter(torch.ones(d_s))
+            setattr(self, name, nn.Parameter((torch.randn(d_s, d) * init_std).to(device)))
+        self.attn_norm = nn.Parameter(torch.ones(d_s, device=device))
+        self.ffn_norm = nn.Parameter(torch.ones(d_s, device=device))
+        self.step_weights = StepWeights()  # generate='step' only
 
     def generate(self, teacher: LayerWeights) -> LayerWeights:
-        """The student layer's weights: one matmul per weight per forward, never per token (spec 3).
-        The student computes in the teacher's dtype; the projections stay float32 masters. What acts
-        on head_dim only (q/k/v biases, q/k norm weights) is the teacher's, unchanged and frozen."""
-        t, dt = teacher, teacher.q.dtype
-        return LayerWeights(
-            attn_norm=self.attn_norm.to(dt),
-            q=t.q @ self.P_q.to(dt), q_bias=t.q_bias,
-            k=t.k @ self.P_k.to(dt), k_bias=t.k_bias,
-            v=t.v @ self.P_v.to(dt), v_bias=t.v_bias,
-            o=self.P_o.to(dt) @ t.o,
-            ffn_norm=self.ffn_norm.to(dt),
-            gate=t.gate @ self.P_gate.to(dt),
-            up=t.up @ self.P_up.to(dt),
-            down=self.P_down.to(dt) @ t.down,
-            q_norm=t.q_norm, k_norm=t.k_norm)
+        """The student layer's weights, made here: one matmul per weight, never per token (spec 3). The
+        student computes in the teacher's dtype; the projections stay float32 masters. What acts on head_dim
+        only (q/k/v biases, q/k norm weights) is the teacher's, unchanged and frozen."""
+        made = {name: project(getattr(teacher, name), getattr(self, P), P in INPUT_SIDE) for name, P in GENERATED.items()}
+        return self.with_norms(teacher._replace(**made))
+
+    def read_step_weights(self, teacher: LayerWeights, last_micro_step: bool) -> LayerWeights:
+        """generate='step': the weights LRC.generate_for_step made for this optimizer step (StepWeights)."""
+        made = {name: self.step_weights.read(name, getattr(teacher, name), getattr(self, P), P in INPUT_SIDE,
+                                             last_micro_step) for name, P in GENERATED.items()}
+        return self.with_norms(teacher._replace(**made))
+
+    def with_norms(self, weights: LayerWeights) -> LayerWeights:
+        dt = weights.q.dtype  # the norms are trained directly, never generated
+        return weights._replace(attn_norm=self.attn_norm.to(dt), ffn_norm=self.ffn_norm.to(dt))
 
     def clone_loss(self, s: Activations, t: Activations, terms=CLONE_TERMS, teacher_o=None):
         """Spec section 4: the sum over `terms` of the MSE of q, k, v, gate, up, the attention output (o) and
@@ -568,10 +647,11 @@ class LRCLayer(nn.Module):
         return loss
 
     def forward(self, block: "Block", x_t, x_s, cos, sin, config, with_teacher=True, checkpoint=False,
-                terms=CLONE_TERMS, clone_attn_out="student"):
+                terms=CLONE_TERMS, clone_attn_out="student", last_micro_step=None):
         """Layer i of both streams (spec section 4): generate the student weights from the teacher block's,
         run the teacher layer (no grad), then the student layer and its clone loss over `terms`. Returns
-        (x_t, x_s, clone_i); clone_i is None without the teacher or without terms.
+        (x_t, x_s, clone_i); clone_i is None without the teacher or without terms. last_micro_step: None,
+        the weights are made here; False or True, generate='step' made them for this optimizer step.
 
         Organised for a wrapper that gathers parameters around forward() calls (FSDP2's fully_shard([block,
         layer]) as one unit, distributed.py): everything layer i reads, the teacher block's weights and this
@@ -580,7 +660,8 @@ class LRCLayer(nn.Module):
         each of its modules has run."""
         teacher_weights = block.weights()
         # generated outside any checkpoint, so recomputation never generates them twice (spec 3)
-        student_weights = self.generate(teacher_weights)
+        student_weights = (self.generate(teacher_weights) if last_micro_step is None else
+                           self.read_step_weights(teacher_weights, last_micro_step))
         teacher_o = teacher_weights.o if clone_attn_out == "teacher" else None
         act_t = None
         if with_teacher:
@@ -628,11 +709,18 @@ class LRC(nn.Module):
         self.teacher = teacher
         self.student_hidden, self.tie_proj, self.alpha, self.tau = student_hidden, tie_proj, alpha, tau
         d, d_s = c.hidden_size, student_hidden
-        with torch.device(teacher.lm_head.weight.device):
-            self.layers = nn.ModuleList(LRCLayer(d, d_s, init_std) for _ in range(c.num_hidden_layers))
-            self.P_emb = nn.Parameter(torch.randn(d, d_s) * init_std)
-            self.P_lm = None if tie_proj else nn.Parameter(torch.randn(d, d_s) * init_std)
-            self.final_norm = nn.Parameter(torch.ones(d_s))
+        # drawn by the CPU's generator, then moved to the teacher's device: the same seed gives the same student
+        # whether the teacher is on a GPU (DDP) or in host memory until FSDP2 shards it
+        device = teacher.lm_head.weight.device
+        self.layers = nn.ModuleList(LRCLayer(d, d_s, init_std, device) for _ in range(c.num_hidden_layers))
+        self.P_emb = nn.Parameter((torch.randn(d, d_s) * init_std).to(device))
+        self.P_lm = None if tie_proj else nn.Parameter((torch.randn(d, d_s) * init_std).to(device))
+        self.final_norm = nn.Parameter(torch.ones(d_s, device=device))
+        # generate='step' (StepWeights): whether the weights of the optimizer step in progress were made by
+        # generate_for_step, and whether the coming forward is its last micro-step (set by the training loop)
+        self.head_step_weights = StepWeights()
+        self.step_weights_ready = False
+        self.last_micro_step = False
 
     @property
     def student_config(self) -> ModelConfig:
@@ -643,7 +731,28 @@ class LRC(nn.Module):
         teacher W_lm is E, so with tie_proj the student's head is its embedding E @ P_emb."""
         P = self.P_emb if self.P_lm is None else self.P_lm
         W = self.teacher.lm_head.weight
-        return W @ P.to(W.dtype)
+        if self.step_weights_ready:
+            return self.head_step_weights.read("head", W, P, True, self.last_micro_step)
+        return project(W, P, input_side=True)
+
+    @contextmanager
+    def generated_once(self, gathered=lambda module: nullcontext()):
+        """generate='step': the micro-steps of one optimizer step run inside this block; every student weight is
+        made here, once, layer by layer (StepWeights). gathered(module) makes a module whole while its weights
+        are made, if FSDP2 shards it (distributed.gathered)."""
+        with torch.no_grad():
+            for block, layer in zip(self.teacher.model.layers, self.layers):
+                with gathered(layer):
+                    made = layer.generate(block.weights())
+                    for name in GENERATED:
+                        layer.step_weights.make(name, getattr(made, name))
+            with gathered(self):
+                self.head_step_weights.make("head", self.student_head())
+        self.step_weights_ready = True
+        try:
+            yield
+        finally:
+            self.step_weights_ready = self.last_micro_step = False
 
     def side_by_side(self, idx, with_teacher=True):
         """Run teacher and student side by side, layer by layer (spec section 4).
@@ -658,7 +767,8 @@ class LRC(nn.Module):
         clone = torch.zeros((), device=idx.device)
         for block, layer in zip(teacher.model.layers, self.layers):
             x_t, x_s, layer_clone = layer(block, x_t, x_s, cos, sin, c, with_teacher, self.checkpoint_layers,
-                                          self.clone_terms, self.clone_attn_out)
+                                          self.clone_terms, self.clone_attn_out,
+                                          self.last_micro_step if self.step_weights_ready else None)
             if layer_clone is not None:
                 clone = clone + layer_clone
         h_s = rms_norm(x_s, self.final_norm.to(x_s.dtype), c.rms_norm_eps)
@@ -903,9 +1013,17 @@ def atomic_directory(path: str):
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
+        # the modes a plain mkdir and open give under this process's umask, as save_pretrained leaves them:
+        # mkdtemp makes 0700 and safetensors writes 0600, which no other user (a serving process under another
+        # account, a colleague) could read
+        umask = os.umask(0)
+        os.umask(umask)
         for name in os.listdir(tmp):  # on disk before the rename makes the directory visible
-            with open(os.path.join(tmp, name), "rb") as f:
+            file = os.path.join(tmp, name)
+            os.chmod(file, 0o666 & ~umask)
+            with open(file, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~umask)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
             os.replace(path, os.path.join(old, "previous"))

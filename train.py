@@ -7,8 +7,7 @@ student: the second stage) on prepared token files. One loop serves a laptop and
     torchrun --standalone --nproc_per_node=8 train.py config/lrc_1.7b.py --data=DIR
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         train.py config/lrc_1.7b.py --data=DIR --micro_batch_size=1
-    python bench.py --plan config/lrc_14b.py --world_size=8 --gpu_mem_gib=80   # what fits, before a GPU is used
-    torchrun --standalone --nproc_per_node=8 train.py config/lrc_14b.py --data=DIR   # FSDP2 (parallel=fsdp)
+    torchrun --standalone --nproc_per_node=8 train.py config/lrc_14b.py --data=DIR   # FSDP2 (bench.py --plan)
 
 Configuration, nanoGPT style (configurator.py): DEFAULTS below (they are the toy preset), then each
 config/NAME.py given, then --key=value. Unknown keys and wrongly typed values are refused. --resume
@@ -60,8 +59,7 @@ DEFAULTS = dict(
     out_dir="out/toy",            # checkpoints, metrics.jsonl, and for the toy run its data and teacher
     method="lrc",                 # 'lrc' | 'kd' | 'scratch' | 'sft' (fine-tune init_from on chat data)
     teacher="toy",                # checkpoint dir or hub id; 'toy' = build/cache a tiny teacher in out_dir/teacher
-    data="toy",                   # prepared token dir (data/prepare.py), or a mixture {dir: weight, ...};
-                                  # 'toy' = the toy corpus's student split
+    data="toy",                   # prepared token dir (data/prepare.py), a mixture {dir: weight}, or 'toy' (its corpus)
     init_from=None,               # sft: the Hugging Face checkpoint to fine-tune (a converted student)
     student_hidden=64,            # d_s, the student's residual width (spec section 3)
     tie_proj=True,                # one projection for embedding and head (tied student when the teacher is tied)
@@ -96,13 +94,14 @@ DEFAULTS = dict(
     resume=False,                 # continue from out_dir's latest checkpoint (also: --resume)
     overwrite=True,               # a fresh run in an out_dir with checkpoints deletes them (False: refuse)
     seed=1337,                    # initialisation and the window sampler
-    sampler="epoch",              # 'epoch': one shuffled pass over non-overlapping windows, then the next (the
-                                  # official run's order); 'random': windows drawn with replacement at every step
+    sampler="epoch",              # 'epoch': shuffled passes over non-overlapping windows (the official run's); 'random':
+                                  # windows drawn with replacement at every step
     # hardware
     device="auto",                # 'auto' = cuda:LOCAL_RANK if available, else cpu
     dtype="auto",                 # 'auto' = bf16 autocast and a bf16 teacher on cuda, fp32 on cpu; 'bf16' | 'fp32'
     compile="auto",               # torch.compile: 'auto' = on for cuda, off for cpu; or True / False
     activation_checkpointing=False,  # lrc only: True: recompute each student layer in backward; 'layer': each layer whole
+    generate="step",              # lrc: student weights made once per optimizer step, or every 'micro_step' (1: same)
     parallel="ddp",               # 'ddp': every rank holds everything; 'fsdp': FSDP2 shards the trained weights, grads, AdamW
     shard_teacher=False,          # fsdp only: also shard the frozen teacher, each layer gathered while it is used
     fsdp_grad_sync="micro_step",  # fsdp: reduce-scatter every micro-step (sharded grads) or once per 'step'
@@ -127,7 +126,8 @@ KEYS = Keys(
     choices={"method": ("lrc", "kd", "scratch", "sft"), "decay": ("linear", "cosine"), "dtype": ("auto", "bf16", "fp32"),
              "sampler": tuple(loader.SAMPLERS), "compile": ("auto", True, False),
              "clone_attn_out": ("student", "teacher"), "activation_checkpointing": (False, True, "layer"),
-             "parallel": distributed.PARALLEL, "fsdp_grad_sync": distributed.GRAD_SYNC},
+             "parallel": distributed.PARALLEL, "fsdp_grad_sync": distributed.GRAD_SYNC,
+             "generate": ("step", "micro_step")},
     exclusive={"max_steps": "max_tokens", "max_tokens": "max_steps"},  # setting one clears the other
     flags=("resume",), where_listed="DEFAULTS in train.py")
 
@@ -345,20 +345,6 @@ class Job:
     saved: Optional[str] = None   # the latest checkpoint written or resumed from
     t_start: float = field(default_factory=time.time)
 
-    def checkpoint_state(self, step):
-        """state.json of a checkpoint at `step` (format in checkpoint.py)."""
-        cfg = self.run.cfg
-        return {"step": step, "tokens_seen": self.tokens_seen, **self.identity, "max_steps": self.run.max_steps,
-                **checkpoint.teacher_location(self.teacher, cfg["out_dir"]),  # a copied run finds its teacher
-                "config": dict(cfg, resume=False), "rng": checkpoint.rng_state(self.run.device),
-                "data": {"spec": self.data.spec, "next_step": step, "sampler_rule": loader.SAMPLERS[cfg["sampler"]],
-                         "sources": [{"path": s.path, "weight": w, "tokenizer_sha256": s.meta["tokenizer_sha256"],
-                                      "n_tokens": len(s.train_tokens), "windows_read": int(n), "epoch": e}
-                                     for s, w, n, e in zip(self.data.sources, self.data.weights,
-                                                           self.windows.windows_before(step),
-                                                           self.windows.epoch(step))]},
-                "world_size": self.run.world_size, "grad_accum": self.run.grad_accum, "lrc_version": 1}
-
 
 def build(cfg, run):
     """Setup to a ready Job. Order matters: everything cheap that can refuse the run (output directory,
@@ -369,13 +355,7 @@ def build(cfg, run):
                                cfg["seq_len"], bool(cfg["eval_tokens"]), run.rank, run.world_size, run.device)
     cfg = run.cfg = dict(cfg, data=data.spec)
     teacher, teacher_dir, teacher_config, student_config, init_dir = the_models(cfg, run, data, toy_paths)
-    identity = {"method": cfg["method"], "teacher": teacher, "sampler": cfg["sampler"],
-                "teacher_config": teacher_config.to_dict() if teacher_config and cfg["method"] != "scratch" else None,
-                "teacher_fingerprint": checkpoint.teacher_fingerprint(teacher_dir) if teacher_config
-                and cfg["method"] != "scratch" else None, "student_config": student_config.to_dict(),
-                "student_hidden": cfg["student_hidden"], "tie_proj": cfg["tie_proj"], "init_from": cfg["init_from"],
-                "init_from_path": os.path.abspath(init_dir) if init_dir else None,
-                "data_sources": [len(s.train_tokens) for s in data.sources]}
+    identity = checkpoint.run_identity(cfg, teacher, teacher_dir, teacher_config, student_config, init_dir, data)
     resume_from = None
     if cfg["resume"]:
         resume_from = checkpoint.read_checkpoint(existing)
@@ -465,8 +445,7 @@ class Metrics:
 
     def record(self, row):
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            print(json.dumps(row), file=self.file, flush=True)
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
@@ -488,8 +467,7 @@ class Accumulators:
         self.steps = 0
 
     def add_micro(self, loss, parts, grad_accum):
-        self.sums += torch.stack([loss.detach().float(), parts["kl"].detach().float(),
-                                  parts["lm"].detach().float(), parts["clone"].detach().float()]) / grad_accum
+        self.sums += torch.stack([t.detach().float() for t in (loss, parts["kl"], parts["lm"], parts["clone"])]) / grad_accum
 
     def end_step(self, step, grad_norm):
         """Remember the first step with a non-finite loss or gradient norm, still on the device."""
@@ -512,8 +490,12 @@ def save(job, acc):
     run = job.run
     weights, optimizer = checkpoint.gather(job.model, job.optimizer, job.model_state, run.master)
     if run.master:
-        job.saved = checkpoint.save_checkpoint(run.cfg["out_dir"], job.step, weights, optimizer,
-                                               job.checkpoint_state(job.step), run.cfg["keep_last"])
+        data = job.data.record(job.windows.windows_before(job.step), job.windows.epoch(job.step), job.step,
+                               run.cfg["sampler"])
+        state = checkpoint.run_state(job.step, job.tokens_seen, job.identity, run.cfg, job.teacher, run.device, data,
+                                     max_steps=run.max_steps, world_size=run.world_size, grad_accum=run.grad_accum)
+        job.saved = checkpoint.save_checkpoint(run.cfg["out_dir"], job.step, weights, optimizer, state,
+                                               run.cfg["keep_last"])
     distributed.barrier()
     job.saved = os.path.join(run.cfg["out_dir"], f"ckpt_{job.step:08d}")
 
@@ -561,16 +543,17 @@ def train_loop(job, metrics):
         lr = lr_at(job.step, run.max_steps, cfg)
         for group in job.optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(run.grad_accum):
-            last_micro = micro == run.grad_accum - 1
-            # DDP: gradient all-reduce only on the last micro-step; FSDP2: cfg["fsdp_grad_sync"]
-            with distributed.micro_step(job.model, job.ddp, last_micro, cfg["fsdp_grad_sync"]):
-                with run.autocast():
-                    loss, parts = job.train_model(x, y)
-                # fetch the next micro-batch while the device works
-                x, y = windows.batch(job.step, micro + 1) if not last_micro else windows.batch(job.step + 1, 0)
-                (loss / run.grad_accum).backward()
-            acc.add_micro(loss, parts, run.grad_accum)
+        with distributed.optimizer_step(job.model, cfg["generate"], run.grad_accum):  # generate='step': made here
+            for micro in range(run.grad_accum):
+                last_micro = micro == run.grad_accum - 1
+                # DDP: gradient all-reduce only on the last micro-step; FSDP2: cfg["fsdp_grad_sync"]
+                with distributed.micro_step(job.model, job.ddp, last_micro, cfg["fsdp_grad_sync"]):
+                    with run.autocast():
+                        loss, parts = job.train_model(x, y)
+                    # fetch the next micro-batch while the device works
+                    x, y = windows.batch(job.step, micro + 1) if not last_micro else windows.batch(job.step + 1, 0)
+                    (loss / run.grad_accum).backward()
+                acc.add_micro(loss, parts, run.grad_accum)
         # the global norm is computed (and logged) even without clipping: inf never clips
         grad_norm = distributed.clip_grad_norm(job.params, cfg["grad_clip"] or math.inf)
         job.optimizer.step()
@@ -607,9 +590,11 @@ def train(cfg=None, log_prefix=""):
         job = build(cfg, run)
         cfg = run.cfg
         source = f"init_from {cfg['init_from']}" if cfg["method"] == "sft" else f"teacher {job.teacher}"
+        once = distributed.generates_once(job.model, cfg["generate"], run.grad_accum)
         run.log(f"method {cfg['method']} | {source} | data {job.data.describe()} | device {run.device} x "
                 f"{run.world_size} | {cfg['parallel']}{' + shard_teacher' if cfg['shard_teacher'] else ''} | "
-                f"dtype {run.dtype_name} | compile {run.use_compile}")
+                f"dtype {run.dtype_name} | compile {run.use_compile}"
+                + (f" | generate {'step' if once else 'micro_step'}" if cfg["method"] == "lrc" else ""))
         run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
                 f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
                 f"{cfg['tokens_per_step']:,} tokens/step | steps {job.step} -> {run.end_step} of {run.max_steps} | "
@@ -649,13 +634,7 @@ def print_summary(s, log):
     log("next:")
     log(f"  python convert.py --ckpt={s['out_dir']} --out={student_hf}")
     models = f"--model={s['teacher']} " if s["teacher"] else ""
-    if s["toy"]:  # the toy world's val documents are separated by blank lines; its facts make two MC tasks
-        toy = {k: v if os.path.relpath(v).startswith("..") else os.path.relpath(v)  # short where it is clearer
-               for k, v in s["toy"].items() if isinstance(v, str)}
-        data = (f"--data={toy['val_text']} --txt_split=paragraph --mc={toy['facts_seen']} "
-                f"--mc={toy['facts_unseen']} --prompt='The home city of'")
-    else:
-        data = "--data=VAL_TEXT_FILE"
+    data = toy.eval_arguments(s["toy"]) if s["toy"] else "--data=VAL_TEXT_FILE"
     log(f"  python eval_tiny.py {models}--model={student_hf} {data}")
 
 

@@ -67,6 +67,13 @@ class Mixture:
             return self.sources[0].path
         return " + ".join(f"{name} {100 * w:.1f}%" for name, w in zip(self.names, self.weights))
 
+    def record(self, windows_read, epochs, step, sampler):
+        """state.json's "data" of a checkpoint at `step` (train.py): where each source is and how far it was read."""
+        return {"spec": self.spec, "next_step": step, "sampler_rule": SAMPLERS[sampler],
+                "sources": [{"path": s.path, "weight": w, "tokenizer_sha256": s.meta["tokenizer_sha256"],
+                             "n_tokens": len(s.train_tokens), "windows_read": int(n), "epoch": e}
+                            for s, w, n, e in zip(self.sources, self.weights, windows_read, epochs)]}
+
     def progress(self, windows_read, epochs, seq_len):
         """(log text, metrics fields) of how far training has read: the pass over one source, or each source's
         tokens read and its own pass."""
@@ -263,7 +270,7 @@ class TokenWindows:
             x, y = window(source.train_tokens, start, self.seq_len, source.train_mask if self.use_mask else None)
             xs.append(x)
             ys.append(y)
-        return to_device(np.stack(xs), self.device), to_device(np.stack(ys), self.device)
+        return stack_to_device(xs, self.device), stack_to_device(ys, self.device)
 
 
 def window(tokens, start, seq_len, mask=None):
@@ -279,11 +286,22 @@ def window(tokens, start, seq_len, mask=None):
 def windows_at(tokens, starts, seq_len, device, mask=None):
     """(x, y) on device for the windows of seq_len + 1 tokens starting at `starts` (see window)."""
     pairs = [window(tokens, start, seq_len, mask) for start in starts]
-    return to_device(np.stack([x for x, _ in pairs]), device), to_device(np.stack([y for _, y in pairs]), device)
+    return stack_to_device([x for x, _ in pairs], device), stack_to_device([y for _, y in pairs], device)
 
 
-def to_device(array, device):
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the GPU's work
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def stack_to_device(rows, device):
+    """The equal-length int64 rows (window's x or y) as one [len(rows), seq_len] tensor on `device`.
+
+    On CUDA the rows are stacked straight into page-locked (pinned) host memory, with no pageable copy in
+    between, and copied with non_blocking=True: the copy is only queued on the current stream and the host
+    goes on at once. train_loop fetches the next micro-batch right after queueing a forward, then queues the
+    backward while the GPU is still busy; a blocking .to() would make the host wait for that forward (PyTorch
+    synchronizes the stream after it), and from pageable memory the driver stages the copy through a buffer
+    of its own instead of a direct DMA. Dropping the pinned tensor when this returns is safe: PyTorch's
+    caching host allocator hands its block out again only once the copy that reads it has completed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.from_numpy(np.stack(rows)).to(device)
+    pinned = torch.empty((len(rows), len(rows[0])), dtype=torch.int64, pin_memory=True)
+    np.stack(rows, out=pinned.numpy())
+    return pinned.to(device, non_blocking=True)

@@ -395,6 +395,15 @@ def is_cached_teacher(teacher_dir, recipe):
         return False
 
 
+def eval_arguments(paths):
+    """eval_tiny.py's arguments for the toy world: its val documents, separated by blank lines, and the two
+    multiple-choice sets of facts; each path relative to the working directory where that is shorter."""
+    short = {k: v if os.path.relpath(v).startswith("..") else os.path.relpath(v)
+             for k, v in paths.items() if isinstance(v, str)}
+    return (f"--data={short['val_text']} --txt_split=paragraph --mc={short['facts_seen']} "
+            f"--mc={short['facts_unseen']} --prompt='The home city of'")
+
+
 def main(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

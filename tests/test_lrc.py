@@ -201,7 +201,8 @@ def test_qwen2_logits_bf16(case, tmp_path):
     1. against transformers' sdpa path in bf16, which runs the same bf16 ops in the same order (bitwise
        equal on torch 2.13 CPU): mean |diff| < 2e-3 (logits here are ~0.8 in mean magnitude). One extra
        or missing bf16 rounding per op, e.g. applying the norm weight before the cast back to bf16 as the
-       spec forbids, gives a mean |diff| of ~7e-3, so it fails; kernel summation-order changes do not.
+       spec forbids, gives a mean |diff| of ~7e-3, so it fails. (It holds for the same kernels: another
+       device's summation order moves bf16 logits by as much; tests/test_cuda.py has the GPU's bar.)
     2. against the fp32 oracle: our bf16 error is no larger than transformers' own eager-bf16 error
        (at most 2x + 0.02)."""
     kw, T = EXACT_CASES[case]
@@ -660,6 +661,113 @@ def test_checkpoint_layers_changes_nothing_but_memory(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# Generating once per optimizer step (generate='step', spec section 3)
+
+def one_optimizer_step(model, batches, generate_once, step_model=None):
+    """The micro-steps of one optimizer step as train.train_loop runs them (distributed.optimizer_step and
+    micro_step, loss / grad_accum); step_model: what is called (e.g. compiled). Returns the micro-steps'
+    (loss, parts) and every trainable parameter's gradient."""
+    import distributed
+    results = []
+    with distributed.optimizer_step(model, "step" if generate_once else "micro_step", len(batches)):
+        for i, (idx, targets) in enumerate(batches):
+            with distributed.micro_step(model, None, i == len(batches) - 1):
+                loss, parts = (model if step_model is None else step_model)(idx, targets)
+                (loss / len(batches)).backward()
+            results.append((loss.detach(), {k: num(v) for k, v in parts.items()}))
+    return results, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+GENERATE_CASES = {
+    "tied": dict(),
+    "untied-teacher-o-term": dict(tied=False, tie_proj=False, clone_attn_out="teacher"),
+    "checkpoint_layers": dict(checkpoint_layers=True),
+    "module-checkpoint-of-whole-layers": dict(whole_layers=True),
+    "compiled": dict(compiled=True),
+    "llama": dict(model_type="llama", tied=False),
+    "qwen3": dict(model_type="qwen3", tie_proj=False),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_generating_once_per_step_is_every_micro_step_to_rounding(case, monkeypatch):
+    """4 micro-steps: the losses are bitwise those of generate='micro_step' (the forward reads the same
+    weights), every projection's gradient equal to float32 rounding (W.T @ sum dW_m against sum W.T @ dW_m),
+    and each weight is made once per optimizer step instead of once per micro-step."""
+    kw = dict(GENERATE_CASES[case])
+    compiled, whole_layers = kw.pop("compiled", False), kw.pop("whole_layers", False)
+    model_kw = {k: kw.pop(k) for k in ("tie_proj", "clone_attn_out", "checkpoint_layers") if k in kw}
+    teacher = tiny_teacher(seed=3, **kw)
+    batches = [(tokens(2, 12, seed=10 + i), tokens(2, 12, seed=20 + i)) for i in range(4)]
+    results = {}
+    for generate_once in (False, True):
+        torch.manual_seed(0)
+        model = lrc.LRC(teacher, 16, init_std=0.2, **model_kw)
+        if whole_layers:
+            from torch.distributed._composable import checkpoint
+            for layer in model.layers:
+                checkpoint(layer)
+        step_model = torch.compile(model, backend="aot_eager") if compiled else None
+        calls = []
+        real_generate = lrc.LRCLayer.generate
+        monkeypatch.setattr(lrc.LRCLayer, "generate", lambda self, w: calls.append(self) or real_generate(self, w))
+        results[generate_once] = one_optimizer_step(model, batches, generate_once, step_model)
+        monkeypatch.undo()
+        # (a whole-layer checkpoint recomputes what the layer's forward did: generating, in every micro-step)
+        per_step = 1 if generate_once else len(batches) * (2 if whole_layers else 1)
+        assert len(calls) == teacher.config.num_hidden_layers * per_step
+        assert not model.step_weights_ready  # after the step, a forward (evaluation) makes its weights again
+    (micro, grads_micro), (once, grads_once) = results[False], results[True]
+    for (loss_m, parts_m), (loss_o, parts_o) in zip(micro, once):
+        assert torch.equal(loss_m, loss_o) and parts_m == parts_o
+    assert grads_once.keys() == grads_micro.keys()
+    for name, grad in grads_micro.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads_once[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+    if compiled:
+        torch._dynamo.reset()
+
+
+def test_generating_once_saves_the_generation_flops_of_all_but_one_micro_step():
+    """Counted by torch's FlopCounterMode over one optimizer step of N micro-steps: generate='micro_step' spends
+    N x (forward W @ P + backward W.T @ dW_S) = N x 4 x (teacher weight params) x d_s FLOPs on weights, 'step'
+    spends it once; nothing else differs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    teacher = tiny_teacher(seed=3)
+    c, d_s, N = teacher.config, 16, 3
+    batches = [(tokens(2, 12, seed=10 + i), tokens(2, 12, seed=20 + i)) for i in range(N)]
+    flops = {}
+    for generate_once in (False, True):
+        model = lrc.LRC(teacher, d_s)
+        with FlopCounterMode(display=False) as counter:
+            one_optimizer_step(model, batches, generate_once)
+        flops[generate_once] = counter.get_total_flops()
+    generated = c.num_hidden_layers * sum(w.numel() for w in teacher.model.layers[0].weights()[:12]
+                                          if w is not None and w.dim() == 2) + teacher.lm_head.weight.numel()
+    assert flops[False] - flops[True] == (N - 1) * 4 * generated * d_s
+
+
+def test_generating_once_in_bf16_is_as_close_to_float64_as_every_micro_step():
+    """bf16 weights under autocast (the GPU recipe, here on the CPU): each micro-step's dW_S goes into a float32
+    sum, rounded to bf16 once before W.T @ (.), where generate='micro_step' rounds each micro-step's dP to bf16
+    before its float32 sum. Both against the float64 gradient of the same bf16 weights: the same order of error."""
+    teacher = tiny_teacher(seed=3)
+    batches = [(tokens(2, 12, seed=10 + i), tokens(2, 12, seed=20 + i)) for i in range(4)]
+    torch.manual_seed(0)
+    reference = lrc.LRC(teacher, 16, init_std=0.2).double()
+    _, exact = one_optimizer_step(reference, batches, generate_once=False)
+    errors = {}
+    for generate_once in (False, True):
+        torch.manual_seed(0)
+        model = lrc.LRC(teacher, 16, init_std=0.2)
+        model.teacher.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, grads = one_optimizer_step(model, batches, generate_once)
+        errors[generate_once] = max(((grads[n].double() - g).norm() / g.norm()).item() for n, g in exact.items())
+    assert errors[True] < 0.05 and errors[True] < 1.5 * errors[False], errors
+
+
+# -----------------------------------------------------------------------------
 # Losses recomputed from scratch (spec section 4)
 
 def ref_rms_norm(x, weight, eps):
@@ -1070,6 +1178,28 @@ def test_export_student(case, tmp_path):
     assert hf.config.hidden_size == d_s and hf.config.head_dim == 8
     assert hf.model.layers[0].self_attn.q_proj.weight.shape == (32, d_s)
     assert (hf_logits(hf, idx) - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_directories_get_the_modes_of_a_plain_mkdir_and_open(tmp_path, umask):
+    """A model directory written atomically (a temporary directory renamed into place) ends with the modes the
+    process's umask gives a plain mkdir (0777 & ~umask) and open (0666 & ~umask): readable by other users where
+    the umask allows it, as transformers' save_pretrained leaves it, not mkdtemp's 0700 and safetensors' 0600.
+    Replacing an existing directory too."""
+    import stat
+    model = tiny_teacher(seed=0)
+    old = os.umask(umask)
+    try:
+        out = str(tmp_path / "model")
+        for _ in range(2):  # a new directory, then one that replaces it
+            lrc.save_qwen2(model, out, max_shard_bytes=30000)
+            assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+            files = os.listdir(out)
+            assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
+            for name in files:
+                assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o666 & ~umask, name
+    finally:
+        os.umask(old)
 
 
 def test_export_from_hf_teacher_and_sharded_save(base_ckpt, tmp_path):

@@ -61,6 +61,27 @@ def head_inputs(N_batch, T, V, d_s=8, d=16, seed=0):
 # -----------------------------------------------------------------------------
 # The loss head at a Qwen-sized vocabulary
 
+def test_head_under_autocast_casts_the_head_once_and_accumulates_its_gradient_in_float32():
+    """Under bf16 autocast (the GPU recipe; here the CPU's) the head runs its matmuls in the dtypes it names: a
+    float32 W_s (kd, scratch, sft masters) is cast to bf16 once, not once per chunk, the logits are bf16
+    matmuls, and dL/dW_s is a float32 product of the float32 chunk gradient, as autocast would not leave it."""
+    h_s, W_s, targets, h_t, W_t = head_inputs(2, 16, 96)
+    recorder = OpRecorder()
+    with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = lrc.distill_loss(h_s.bfloat16(), W_s, targets, h_t.bfloat16(), W_t.bfloat16(), chunk_size=5)
+        loss.backward()
+    casts_of_W = [a for f, a in recorder.ops if f is torch.ops.aten._to_copy.default and a[0].numel() == W_s.numel()
+                  and a[0].dtype == torch.float32]  # W_s or its transpose
+    assert len(casts_of_W) == 1  # 7 chunks of 5 rows, one cast
+    products = [(a[0].dtype, a[1].dtype, tuple(a[0].shape), tuple(a[1].shape)) for f, a in recorder.ops
+                if f is torch.ops.aten.mm.default]
+    grad_W = [p for p in products if p[2][0] == 96 and p[3][1] == 8]           # [V, n] @ [n, d_s]
+    logits = [p for p in products if p[3] == (8, 96)]                            # [n, d_s] @ [d_s, V]
+    assert len(grad_W) == len(logits) == 7
+    assert all(p[:2] == (torch.float32, torch.float32) for p in grad_W)
+    assert all(p[:2] == (torch.bfloat16, torch.bfloat16) for p in logits)
+
+
 def test_head_holds_at_most_one_chunk_of_logits_at_qwen_vocab():
     """Default chunking at V=151936: every float32 tensor made in forward and backward is at most
     [chunk, V] (chunk = 2**26 // V = 441 rows), never the [B*T, V] = [448, V] of the plain computation."""
@@ -275,6 +296,66 @@ def test_bench_runs_the_toy_shape(capsys, monkeypatch):
     for label in ("(a) teacher forward", "(b) plain student", "(c) LRC train step", "(d) reference-style",
                   "checkpoint_layers", "floor ratio c/(a+b) =", "c/d ="):
         assert label in out, label
+    assert "(e)" not in out  # one micro-step per step: generate=step is (c)
+
+
+def test_bench_times_generate_step_with_micro_steps(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench.py", "--shape=toy", "--compile=False", "--steps=1", "--warmup=1",
+                                     "--rounds=1", "--batch_size=2", "--seq_len=16", "--vocab_size=128",
+                                     "--hidden_size=32", "--intermediate_size=64", "--num_layers=1",
+                                     "--student_hidden=16", "--threads=1", "--grad_accum=3", "--variants=abce"])
+    saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        vars(bench).update(saved)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for label in ("x 3 micro-steps (96 tokens/step)", "(e) LRC step, generate=step", "floor ratio e/(a+b) =",
+                  "generate=step (e) holds"):
+        assert label in out, label
+
+
+@pytest.mark.parametrize("tied, clone_attn_out", [(True, "teacher"), (False, "student")])
+def test_flops_counted_at_any_shape_equal_the_hand_formula(tmp_path, capsys, tied, clone_attn_out):
+    """bench.py --flops: FlopCounterMode's count of (a), (b) and (c) under FakeTensorMode equals hand_flops, written
+    from the shapes alone, to the FLOP; generate='step' is micro_step with one micro-step and cheaper with three."""
+    import json
+    teacher = tiny_teacher(tied=tied, vocab=128).config
+    (tmp_path / "config.json").write_text(json.dumps(teacher.to_dict()))
+    preset = tmp_path / "preset.py"
+    preset.write_text(f"student_hidden = 16\nseq_len = 32\nmicro_batch_size = 2\ntie_proj = {tied}\n"
+                      f"clone_attn_out = {clone_attn_out!r}\n")
+    rows = bench.flops_main([str(preset), f"--teacher_config={tmp_path / 'config.json'}", "--flops_grad_accum=1,3"])
+    assert [(r["grad_accum"], r["generate"]) for r in rows] == [(1, "micro_step"), (1, "step"), (3, "micro_step"),
+                                                               (3, "step")]
+    assert all(r["counted"] == r["hand"] for r in rows) and capsys.readouterr().out.count(" equal ") == 4
+    assert rows[0]["counted"] == rows[1]["counted"] and rows[3]["ratio"] < rows[2]["ratio"]
+    assert rows[2]["counted"]["a"] == 3 * rows[0]["counted"]["a"]
+
+
+def test_gpu_report_runs_end_to_end_at_tiny_shapes(tmp_path, monkeypatch):
+    """bench.py --gpu_report --tiny: the GPU report's whole path on the CPU (teachers saved and loaded, every
+    variant timed and measured, the planner in other processes, the markdown written), so that on a GPU only
+    what is CUDA's can fail. The planner's estimate of each (c) step is within 5% of its measured peak."""
+    out = tmp_path / "report.md"
+    saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    threads = torch.get_num_threads()
+    try:
+        bench.main([f"--gpu_report={out}", "--tiny=True", "--steps=1", "--warmup=1", "--threads=1"])
+    finally:
+        vars(bench).update(saved)
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert text.startswith("# lrc GPU report") and "--gpu_report=OUT.md --tiny=True" in text
+    for name in bench.TINY_SHAPES:
+        section = text.split(f"## {name}")[1].split("##")[0]
+        rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+        assert len(rows) == 2 * len(bench.REPORT_VARIANTS)
+        planned = [float(r[-1].rstrip(" |")) for r in rows if "(c)" in r[1]]
+        assert len(planned) == 4 and all(0.95 < ratio < 1.05 for ratio in planned), planned
+        assert "Floor ratio c/(a+b) by time: B=1" in section
 
 
 def test_bench_rejects_unknown_options(monkeypatch):

@@ -255,6 +255,10 @@ def test_lrc_run_writes_the_checkpoint_format(world, tmp_path, capsys):
     ckpt = os.path.join(str(tmp_path), "ckpt_00000012")
     assert summary["checkpoint"] == ckpt and sorted(os.listdir(ckpt)) == \
         ["model.safetensors", "optimizer.safetensors", "state.json"]
+    umask = os.umask(0)
+    os.umask(umask)  # readable as the umask allows, like any directory this process makes (another user resumes it)
+    assert all(os.stat(os.path.join(ckpt, f)).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(ckpt))
+    assert os.stat(ckpt).st_mode & 0o777 == 0o777 & ~umask
     weights = tensors(ckpt)
     teacher = lrc.load_qwen2(world["teacher"])
     model = lrc.LRC(teacher, 16)
