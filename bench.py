@@ -279,7 +279,8 @@ def build_variant(key, teacher, student_cfg, idx, targets, dev, amp, tie):
 
     def keep():
         state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-        return list(student.parameters()) + state
+        step_weights = student.step_weight_tensors() if isinstance(student, lrc.LRC) else []
+        return list(student.parameters()) + state + step_weights
     return Variant(key, label, step, keep, flops, free=[student, opt])
 
 
@@ -1047,7 +1048,7 @@ def plan_command(row, world_size, config_files, overrides, cfg):
     settings = dict(parallel=row["parallel"], shard_teacher=row["shard_teacher"], activation_checkpointing=row["ac"],
                     micro_batch_size=row["mbs"])
     keys = [f"--{key}={value}" for key, value in settings.items() if value is not False or cfg[key] is not False]
-    keys += [f"--generate={row['generate']}"] if row["generate"] != cfg["generate"] else []
+    keys += [f"--generate={row['generate']}"] if row["grad_accum"] > 1 and row["generate"] != cfg["generate"] else []
     keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
               f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
@@ -1068,7 +1069,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
     for r in rows:
         fits = "n/a" if not r["grad_accum"] else ("yes" if r["peak"] <= budget else "no")
         print(f"{setting_name(r):<22}{AC_NAMES[r['ac']]:<8}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
-              f"{GENERATE_NAMES[r['generate']]:>6}"
+              f"{GENERATE_NAMES[r['generate']] if (r['grad_accum'] or 1) > 1 else '-':>6}"
               + "".join(f"{r['parts'][c] / gib:>{w}.2f}" for c, w in zip(COLUMNS, (9, 10, 10, 9)))
               + f"{r['peak'] / gib:>10.2f}{fits:>6}{r['flops'] / 1e9:>11.1f}{r['comm'] / 1e9:>13.1f}")
     print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that "
@@ -1076,7 +1077,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
           "generated student weights (with generate='step' also their float32 gradient sums), activations and every "
           "other transient; AC = activation_checkpointing (student: True, layer: 'layer'); accum = micro-steps per "
           "step ('-': tokens_per_step does not divide, n/a); gen = student weights generated once per optimizer step "
-          "(generate='step') or in every micro-step")
+          "(generate='step') or in every micro-step ('-': one micro-step, where the two are the same)")
     best = recommend(rows, gpu_gib * gib, headroom)
     if best is None:
         low = min(rows, key=lambda r: r["peak"])
@@ -1244,8 +1245,10 @@ def flops_main(argv):
 # them back with lrc.load_model (the path of a hub checkpoint, with no hub), times (a), (b), (c) and (c) with
 # checkpoint_layers at micro-batches of 1, 2 and 4 x 2048 tokens, one at a time next to the teacher (a row that
 # runs out of memory says so), and sets each (c)'s peak memory beside the planner's estimate of the same step
-# (estimate(): ddp, one rank, one micro-step), computed meanwhile in other processes on the CPU. Eager unless
-# --compile=True is given with --gpu_report: compiling every row would not fit the 10 minutes.
+# (estimate(): ddp, one rank, one micro-step), computed meanwhile in other processes on the CPU. Eager, with 2
+# warm-up and 5 timed steps per row, unless --compile, --warmup or --steps say otherwise: compiling every row
+# would not fit the 10 minutes. (b) of the 7B shape (a 4B plain student's float32 weights, gradients and AdamW
+# state, 64 GB, beside the 15 GB teacher) does not fit an 80 GB GPU: its rows say "out of memory".
 
 REPORT_SHAPES = ("qwen2.5-3b", "qwen2.5-7b")
 TINY_SHAPES = {  # the same two kinds of student, tied and untied, small enough for a CPU test
@@ -1406,9 +1409,9 @@ def main(argv=None):
         return bench_head_memory(dev, wdtype)
     if kl_precision:
         return bench_kl_precision()
-    if gpu_report:
-        if "--compile=True" not in argv:
-            globals()["compile"] = False  # eager unless asked: see "The GPU report"
+    if gpu_report:  # eager and 2 + 5 steps per row unless asked otherwise: see "The GPU report"
+        given = {a.partition("=")[0] for a in argv}
+        globals().update({k: v for k, v in dict(compile=False, warmup=2, steps=5).items() if f"--{k}" not in given})
         bench_gpu_report(dev, wdtype, amp, gpu_report)
         return None
 

@@ -452,7 +452,7 @@ class DistillHead(torch.autograd.Function):
                     del log_p, log_q_tau, p
                 if need_grad:
                     grad_h[rows] = (grad.to(W_c.dtype) @ W_c).to(h_s.dtype)
-                    grad_W += grad.T @ h_s[rows].float()              # float32 (TF32 on GPU: train.py allows it)
+                    grad_W.addmm_(grad.T, h_s[rows].float())          # float32 (TF32 on GPU: train.py allows it), in place
                     del grad
             kl, lm = kl_sum / batch_size, nll_sum / n_valid
         ctx.save_for_backward(grad_h, grad_W)
@@ -538,7 +538,7 @@ def project(W, P, input_side: bool):
 # Generating once per optimizer step (generate='step', spec section 3). The projections change only at
 # optimizer.step(), so every micro-step of one optimizer step uses the same student weights. generate='micro_step'
 # makes them in every forward and forms dP = W.T @ dW_S in every backward. generate='step' makes them once,
-# before the first micro-step (LRC.generate_for_step); each micro-step's backward adds its dW_S to a float32
+# before the first micro-step (LRC.generated_once); each micro-step's backward adds its dW_S to a float32
 # sum, and the last one forms dP from the whole sum, in the backward where DDP all-reduces and FSDP2
 # reduce-scatters the projections' gradients. W.T @ sum_m dW_m = sum_m W.T @ dW_m: the same gradients to
 # rounding, for 2 weight-sized matmuls per weight and step instead of 2 x grad_accum.
@@ -615,7 +615,7 @@ class LRCLayer(nn.Module):
         return self.with_norms(teacher._replace(**made))
 
     def read_step_weights(self, teacher: LayerWeights, last_micro_step: bool) -> LayerWeights:
-        """generate='step': the weights LRC.generate_for_step made for this optimizer step (StepWeights)."""
+        """generate='step': the weights LRC.generated_once made for this optimizer step (StepWeights)."""
         made = {name: self.step_weights.read(name, getattr(teacher, name), getattr(self, P), P in INPUT_SIDE,
                                              last_micro_step) for name, P in GENERATED.items()}
         return self.with_norms(teacher._replace(**made))
@@ -717,7 +717,7 @@ class LRC(nn.Module):
         self.P_lm = None if tie_proj else nn.Parameter((torch.randn(d, d_s) * init_std).to(device))
         self.final_norm = nn.Parameter(torch.ones(d_s, device=device))
         # generate='step' (StepWeights): whether the weights of the optimizer step in progress were made by
-        # generate_for_step, and whether the coming forward is its last micro-step (set by the training loop)
+        # generated_once, and whether the coming forward is its last micro-step (set by distributed.micro_step)
         self.head_step_weights = StepWeights()
         self.step_weights_ready = False
         self.last_micro_step = False
@@ -734,6 +734,12 @@ class LRC(nn.Module):
         if self.step_weights_ready:
             return self.head_step_weights.read("head", W, P, True, self.last_micro_step)
         return project(W, P, input_side=True)
+
+    def step_weight_tensors(self):
+        """What generate='step' keeps allocated from one optimizer step to the next: each generated weight and
+        its float32 gradient sum (StepWeights), refilled in place every step."""
+        return [t for s in [*(layer.step_weights for layer in self.layers), self.head_step_weights]
+                for t in (*s.weights.values(), *s.grad_sums.values())]
 
     @contextmanager
     def generated_once(self, gathered=lambda module: nullcontext()):

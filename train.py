@@ -590,11 +590,12 @@ def train(cfg=None, log_prefix=""):
         job = build(cfg, run)
         cfg = run.cfg
         source = f"init_from {cfg['init_from']}" if cfg["method"] == "sft" else f"teacher {job.teacher}"
-        once = distributed.generates_once(job.model, cfg["generate"], run.grad_accum)
+        once = distributed.generates_once(job.model, cfg["generate"], run.grad_accum)  # not with one micro-step
+        generate = "step" if once else "micro_step (= step at 1 micro-step)" if cfg["generate"] == "step" else "micro_step"
         run.log(f"method {cfg['method']} | {source} | data {job.data.describe()} | device {run.device} x "
                 f"{run.world_size} | {cfg['parallel']}{' + shard_teacher' if cfg['shard_teacher'] else ''} | "
                 f"dtype {run.dtype_name} | compile {run.use_compile}"
-                + (f" | generate {'step' if once else 'micro_step'}" if cfg["method"] == "lrc" else ""))
+                + (f" | generate {generate}" if cfg["method"] == "lrc" else ""))
         run.log(f"{sum(p.numel() for p in job.params):,} trainable parameters | {cfg['micro_batch_size']} seq x "
                 f"{cfg['seq_len']} tokens x {run.world_size} ranks x {run.grad_accum} micro-steps = "
                 f"{cfg['tokens_per_step']:,} tokens/step | steps {job.step} -> {run.end_step} of {run.max_steps} | "

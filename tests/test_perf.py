@@ -73,9 +73,10 @@ def test_head_under_autocast_casts_the_head_once_and_accumulates_its_gradient_in
     casts_of_W = [a for f, a in recorder.ops if f is torch.ops.aten._to_copy.default and a[0].numel() == W_s.numel()
                   and a[0].dtype == torch.float32]  # W_s or its transpose
     assert len(casts_of_W) == 1  # 7 chunks of 5 rows, one cast
-    products = [(a[0].dtype, a[1].dtype, tuple(a[0].shape), tuple(a[1].shape)) for f, a in recorder.ops
-                if f is torch.ops.aten.mm.default]
-    grad_W = [p for p in products if p[2][0] == 96 and p[3][1] == 8]           # [V, n] @ [n, d_s]
+    products = [(a[0].dtype, a[1].dtype, tuple(a[0].shape), tuple(a[1].shape)) for f, a in
+                [(f, a[1:] if f is torch.ops.aten.addmm_.default else a) for f, a in recorder.ops]
+                if f in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default)]
+    grad_W = [p for p in products if p[2][0] == 96 and p[3][1] == 8]           # [V, n] @ [n, d_s], added in place
     logits = [p for p in products if p[3] == (8, 96)]                            # [n, d_s] @ [d_s, V]
     assert len(grad_W) == len(logits) == 7
     assert all(p[:2] == (torch.float32, torch.float32) for p in grad_W)
@@ -279,19 +280,25 @@ def test_qwen25_3b_shape_matches_the_published_model():
     assert 3.08e9 < total < 3.10e9  # Qwen2.5-3B: 3.09B parameters
 
 
-def test_bench_runs_the_toy_shape(capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["bench.py", "--shape=toy", "--compile=False", "--steps=1", "--warmup=1",
-                                     "--rounds=1", "--checkpoint=True", "--batch_size=2", "--seq_len=16",
-                                     "--vocab_size=128", "--hidden_size=32", "--intermediate_size=64",
-                                     "--num_layers=1", "--student_hidden=16", "--threads=1"])
-    # main() writes the parsed options into bench's module globals (nanoGPT style): restore them after
+def run_bench(argv):
+    """bench.main(argv), then bench's module globals (main() writes the parsed options there, nanoGPT style)
+    and the thread count as they were."""
     saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
     threads = torch.get_num_threads()
     try:
-        bench.main()
+        return bench.main(argv)
     finally:
         vars(bench).update(saved)
         torch.set_num_threads(threads)
+
+
+TOY_BENCH = ["--shape=toy", "--compile=False", "--steps=1", "--warmup=1", "--rounds=1", "--batch_size=2",
+             "--seq_len=16", "--vocab_size=128", "--hidden_size=32", "--intermediate_size=64", "--num_layers=1",
+             "--student_hidden=16", "--threads=1"]
+
+
+def test_bench_runs_the_toy_shape(capsys):
+    run_bench(TOY_BENCH + ["--checkpoint=True"])
     out = capsys.readouterr().out
     for label in ("(a) teacher forward", "(b) plain student", "(c) LRC train step", "(d) reference-style",
                   "checkpoint_layers", "floor ratio c/(a+b) =", "c/d ="):
@@ -299,18 +306,8 @@ def test_bench_runs_the_toy_shape(capsys, monkeypatch):
     assert "(e)" not in out  # one micro-step per step: generate=step is (c)
 
 
-def test_bench_times_generate_step_with_micro_steps(capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["bench.py", "--shape=toy", "--compile=False", "--steps=1", "--warmup=1",
-                                     "--rounds=1", "--batch_size=2", "--seq_len=16", "--vocab_size=128",
-                                     "--hidden_size=32", "--intermediate_size=64", "--num_layers=1",
-                                     "--student_hidden=16", "--threads=1", "--grad_accum=3", "--variants=abce"])
-    saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    threads = torch.get_num_threads()
-    try:
-        bench.main()
-    finally:
-        vars(bench).update(saved)
-        torch.set_num_threads(threads)
+def test_bench_times_generate_step_with_micro_steps(capsys):
+    run_bench(TOY_BENCH + ["--grad_accum=3", "--variants=abce"])
     out = capsys.readouterr().out
     for label in ("x 3 micro-steps (96 tokens/step)", "(e) LRC step, generate=step", "floor ratio e/(a+b) =",
                   "generate=step (e) holds"):
@@ -335,18 +332,12 @@ def test_flops_counted_at_any_shape_equal_the_hand_formula(tmp_path, capsys, tie
     assert rows[2]["counted"]["a"] == 3 * rows[0]["counted"]["a"]
 
 
-def test_gpu_report_runs_end_to_end_at_tiny_shapes(tmp_path, monkeypatch):
+def test_gpu_report_runs_end_to_end_at_tiny_shapes(tmp_path):
     """bench.py --gpu_report --tiny: the GPU report's whole path on the CPU (teachers saved and loaded, every
     variant timed and measured, the planner in other processes, the markdown written), so that on a GPU only
     what is CUDA's can fail. The planner's estimate of each (c) step is within 5% of its measured peak."""
     out = tmp_path / "report.md"
-    saved = {k: v for k, v in vars(bench).items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    threads = torch.get_num_threads()
-    try:
-        bench.main([f"--gpu_report={out}", "--tiny=True", "--steps=1", "--warmup=1", "--threads=1"])
-    finally:
-        vars(bench).update(saved)
-        torch.set_num_threads(threads)
+    run_bench([f"--gpu_report={out}", "--tiny=True", "--steps=1", "--warmup=1", "--threads=1"])
     text = out.read_text()
     assert text.startswith("# lrc GPU report") and "--gpu_report=OUT.md --tiny=True" in text
     for name in bench.TINY_SHAPES:

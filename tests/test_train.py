@@ -306,10 +306,12 @@ def test_baselines_run_and_learn(world, tmp_path, method):
 # -----------------------------------------------------------------------------
 # checkpoints: exact resume, atomic saves, keep_last
 
-def test_resume_is_bit_identical(world, tmp_path):
-    straight = train.train(config(world, tmp_path / "a", max_steps=8, save_interval=4))
-    train.train(config(world, tmp_path / "b", max_steps=8, stop_step=4))
-    resumed = train.train(config(world, tmp_path / "b", max_steps=8, resume=True))
+@pytest.mark.parametrize("generate", ["step", "micro_step"])  # 2 micro-steps per step: the weights made once, or twice
+def test_resume_is_bit_identical(world, tmp_path, generate, capsys):
+    straight = train.train(config(world, tmp_path / "a", max_steps=8, save_interval=4, generate=generate))
+    assert f"| generate {generate}\n" in capsys.readouterr().out
+    train.train(config(world, tmp_path / "b", max_steps=8, stop_step=4, generate=generate))
+    resumed = train.train(config(world, tmp_path / "b", max_steps=8, resume=True, generate=generate))
     assert resumed["step"] == 8
     for file in ("model.safetensors", "optimizer.safetensors"):
         a, b = tensors(straight["checkpoint"], file), tensors(resumed["checkpoint"], file)
