@@ -1134,13 +1134,18 @@ FLOPS_KEYS = dict(flops=False, teacher_config="", flops_grad_accum="1,8")
 FLOPS_PRESETS = ("config/lrc_1.7b.py", "config/lrc_4b.py")
 
 
-def _count_cpu_attention():
-    """FlopCounterMode knows the CUDA attention kernels; on the CPU F.scaled_dot_product_attention runs
-    aten._scaled_dot_product_flash_attention_for_cpu, which does the same work: count it the same way."""
+def _count_uncounted_ops():
+    """Ops FlopCounterMode has no formula for, counted as their counterparts: on the CPU
+    F.scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu, the work of the CUDA
+    attention kernels it knows; the loss head accumulates dL/dW_s with the in-place addmm_, addmm's work."""
     from torch.utils import flop_counter
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
         return
+
+    @flop_counter.register_flop_formula(aten.addmm_)
+    def addmm_in_place(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.mm_flop(a_shape, b_shape)
 
     @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
     def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -1155,7 +1160,7 @@ def counted_flops(teacher_cfg, cfg, grad_accum, generate):
     """{'a', 'b', 'c'}: FLOPs of one optimizer step, counted under FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    _count_cpu_attention()
+    _count_uncounted_ops()
 
     def count(fn):
         with FlopCounterMode(display=False) as counter:
