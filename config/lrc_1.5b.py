@@ -15,16 +15,19 @@ tau = 40.0                               # --kl_temperature 40
 clone_attn_out = "teacher"               # the official code's attention-output term, which trained the released
                                          # models: E(a_s W_o^T, a_t W_o^T) at teacher width (spec 4)
 seq_len = 2048                           # --data-max-len 2048
-# --batch-size 3 per GPU on 8 GPUs, no accumulation: 3 x 2048 x 8 = 49,152 tokens per optimizer step.
-# One GPU: grad_accum becomes 8 by itself. 929,650,176 trainable parameters (spec section 3).
+# --batch-size 3 per GPU on 8 GPUs: 3 x 2048 x 8 = 49,152 tokens per optimizer step, here as 3 micro-steps of one
+# sequence (the same loss: L_KL's sum over positions / B and the means of L_LM and L_clone average alike).
+# One GPU: grad_accum becomes 24 by itself. 929,650,176 trainable parameters (spec section 3).
 tokens_per_step = 49152
-micro_batch_size = 3
-# 3 sequences per GPU without activation checkpointing need 76.3 GiB per GPU with every rank holding everything,
-# above the 72 GiB that 80 GB leaves with 10% headroom; the reference ran this under DeepSpeed ZeRO stage 2 (its accelerate config
-# accel_ds_8h800_gas1.yaml: gradients and optimizer state sharded over the 8 GPUs). Sharding the
-# projections' state with FSDP2 brings it to 63.8 GiB, the planner's fastest setting that fits (docs/scaling.md):
+# The planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md): 3 sequences per forward
+# without activation checkpointing need 76.3 GiB per GPU with every rank holding everything (the reference ran
+# under DeepSpeed ZeRO stage 2, accel_ds_8h800_gas1.yaml: gradients and optimizer state sharded), 63.8 GiB with
+# the projections' state sharded by FSDP2. One sequence per micro-step with the student weights generated once
+# per optimizer step (generate=step, the default) costs the same FLOPs per token as 3 in one forward, and fits
+# every rank holding everything: 48.0 GiB, with DDP's one all-reduce per step.
 #   python bench.py --plan config/lrc_1.5b.py --world_size=8 --gpu_mem_gib=80 --plan_micro_batch_sizes=1,3
-parallel = "fsdp"
+micro_batch_size = 1
+parallel = "ddp"
 max_steps = 208000                       # --max_steps 208000: 10.2B tokens
 lr = 1e-4                                # --learning-rate 1e-4
 min_lr = 0.0

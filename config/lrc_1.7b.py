@@ -22,8 +22,10 @@ seq_len = 2048
 tokens_per_step = 32768                  # 16 sequences of 2048 tokens per optimizer step
 # 2 sequences per forward on each of 8 GPUs = 32,768 tokens: no accumulation on one 8-GPU node. The
 # bf16 teacher (6 GB), the float32 projections with their Adam state and gradients (~10 GB) and the
-# activations of 2 x 2048 tokens fit an 80 GB H800/H100. One GPU: grad_accum becomes 8 by itself;
-# two nodes (16 GPUs): pass --micro_batch_size=1.
+# activations of 2 x 2048 tokens fit an 80 GB H800/H100 (67.3 GiB, the planner's fastest: docs/scaling.md).
+# One GPU: grad_accum becomes 8 by itself, and the student weights are generated once per optimizer step
+# (generate=step, the default): by FLOPs (bench.py --flops) 1.072x the floor instead of 1.232x.
+# Two nodes (16 GPUs): pass --micro_batch_size=1 (2 micro-steps of one sequence: the same FLOPs per token).
 micro_batch_size = 2
 max_tokens = 20e9                        # 20B tokens = 610,352 steps
 lr = 6.7e-5

@@ -140,7 +140,7 @@ def test_presets_match_the_released_models():
         ("meta-llama/Llama-3.2-3B-Instruct", 1536, True, 0.2, 40.0, "teacher")
     assert (c["lr"], c["warmup_ratio"], c["seq_len"], c["max_steps"], c["max_tokens"], c["grad_clip"]) == \
         (1e-4, 0.005, 2048, 208000, None, 1.0)
-    assert c["tokens_per_step"] == 3 * 2048 * 8 and c["micro_batch_size"] == 3
+    assert c["tokens_per_step"] == 3 * 2048 * 8 and train.schedule_length(c, 8)[0] * c["micro_batch_size"] == 3
     # the recipes use the official code's attention-output term, the toy keeps the paper's
     assert train.parse_args([os.path.join(REPO, "config", "lrc_1.7b.py")])["clone_attn_out"] == "teacher"
     c = train.parse_args([os.path.join(REPO, "config", "sft_ultrachat.py")])  # the LRC-4B-SFT card's setting
