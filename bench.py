@@ -1087,8 +1087,9 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
               f"{fixed:.1f} GiB (generated weights and activations) do not shrink with more ranks: a larger GPU "
               f"(--gpu_mem_gib) or a shorter seq_len")
         return None
+    generate = f", generate {best['generate']}" if best["grad_accum"] > 1 else ""  # one micro-step: the same
     print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
-          f"micro_batch_size {best['mbs']}, generate {best['generate']} ({best['peak'] / gib:.1f} GiB):")
+          f"micro_batch_size {best['mbs']}{generate} ({best['peak'] / gib:.1f} GiB):")
     print("  " + plan_command(best, world_size, config_files, overrides, cfg))
     return best
 
