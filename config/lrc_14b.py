@@ -15,9 +15,11 @@ tau = 40.0
 clone_attn_out = "teacher"               # the official code's attention-output clone term, as the other recipes
 seq_len = 2048
 tokens_per_step = 32768
-# The planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md): 51.4 GiB per GPU. With
+# The planner's fastest setting that fits 8 x 80 GB with 10% headroom (docs/scaling.md): 53.3 GiB per GPU. With
 # DDP the trainable state alone is 79.2 GiB per GPU (~5.3B float32 projections with gradients and Adam state);
-# FSDP2 without sharding the teacher (27.5 GiB bf16 on every GPU) needs 72.1 GiB at 2 sequences, over the budget.
+# FSDP2 without sharding the teacher (27.5 GiB bf16 on every GPU) needs 74.0 GiB at 2 sequences, over the budget.
+# Generating the student weights once per step for 2 micro-steps of one sequence would hold 47.2 GiB of them and
+# their float32 gradient sums per GPU: it fits only with whole layers recomputed, 168.6 against 141.2 GFLOP/token.
 parallel = "fsdp"
 shard_teacher = True
 activation_checkpointing = True

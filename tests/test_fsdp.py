@@ -296,6 +296,7 @@ def test_planner_table_and_recommendation(tmp_path, capsys):
     # 1 GiB: everything fits; the fewest FLOPs: no checkpointing, the weights generated once
     assert (best["parallel"], best["ac"], best["mbs"], best["generate"]) == ("ddp", False, 1, "step")
     out = capsys.readouterr().out
+    assert "micro_batch_size 1, generate step (" in out  # the mode is named where there are several micro-steps
     command = out.split("fastest that fits:")[1].splitlines()[1].strip()
     assert command.startswith("torchrun --standalone --nproc_per_node=4 train.py") and "--data=tokens/x" in command
     cfg = train.parse_args(command.split()[4:])
