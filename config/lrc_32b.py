@@ -19,6 +19,7 @@ tokens_per_step = 32768
 parallel = "fsdp"
 shard_teacher = True
 activation_checkpointing = "layer"          # the generated weights alone (64 layers) would take 46.5 GiB
+# (with generate=step over several micro-steps, 143.7 GiB with their float32 gradient sums: it never fits here)
 micro_batch_size = 2
 max_tokens = 18e9
 lr = 6.7e-5
