@@ -1031,6 +1031,12 @@ def setting_name(row):
     return row["parallel"] + (" + shard_teacher" if row["shard_teacher"] else "")
 
 
+def generate_choice(row):
+    """The row's generation mode where it is a choice (several micro-steps per step), else None: with one
+    micro-step generate='step' and 'micro_step' are the same computation."""
+    return row["generate"] if (row["grad_accum"] or 1) > 1 else None
+
+
 def recommend(rows, gpu_bytes, headroom):
     """The fastest row that fits with headroom: the fewest FLOPs per token (to 3 significant digits: equal work
     is a tie), then the simplest parallel mode (DDP's one all-reduce per step overlaps the backward; FSDP2 adds
@@ -1048,7 +1054,8 @@ def plan_command(row, world_size, config_files, overrides, cfg):
     settings = dict(parallel=row["parallel"], shard_teacher=row["shard_teacher"], activation_checkpointing=row["ac"],
                     micro_batch_size=row["mbs"])
     keys = [f"--{key}={value}" for key, value in settings.items() if value is not False or cfg[key] is not False]
-    keys += [f"--generate={row['generate']}"] if row["grad_accum"] > 1 and row["generate"] != cfg["generate"] else []
+    generate = generate_choice(row)
+    keys += [f"--generate={generate}"] if generate not in (None, cfg["generate"]) else []
     keys = overrides + [k for k in keys if k.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     launch = (f"torchrun --standalone --nproc_per_node={world_size}" if world_size <= 8 else
               f"torchrun --nnodes={world_size // 8} --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d "
@@ -1069,7 +1076,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
     for r in rows:
         fits = "n/a" if not r["grad_accum"] else ("yes" if r["peak"] <= budget else "no")
         print(f"{setting_name(r):<22}{AC_NAMES[r['ac']]:<8}{r['mbs']:>4}{r['grad_accum'] or '-':>6}"
-              f"{GENERATE_NAMES[r['generate']] if (r['grad_accum'] or 1) > 1 else '-':>6}"
+              f"{GENERATE_NAMES.get(generate_choice(r), '-'):>6}"
               + "".join(f"{r['parts'][c] / gib:>{w}.2f}" for c, w in zip(COLUMNS, (9, 10, 10, 9)))
               + f"{r['peak'] / gib:>10.2f}{fits:>6}{r['flops'] / 1e9:>11.1f}{r['comm'] / 1e9:>13.1f}")
     print("GiB per rank at the peak of one step (rank 0): teacher weights (shards, and layers gathered at that "
@@ -1087,7 +1094,7 @@ def print_plan(rows, teacher_cfg, cfg, world_size, gpu_gib, headroom, config_fil
               f"{fixed:.1f} GiB (generated weights and activations) do not shrink with more ranks: a larger GPU "
               f"(--gpu_mem_gib) or a shorter seq_len")
         return None
-    generate = f", generate {best['generate']}" if best["grad_accum"] > 1 else ""  # one micro-step: the same
+    generate = f", generate {generate_choice(best)}" if generate_choice(best) else ""
     print(f"fastest that fits: {setting_name(best)}, activation checkpointing {AC_NAMES[best['ac']]}, "
           f"micro_batch_size {best['mbs']}{generate} ({best['peak'] / gib:.1f} GiB):")
     print("  " + plan_command(best, world_size, config_files, overrides, cfg))
